@@ -1,0 +1,1 @@
+"""Teachers and the soft-label codec."""

@@ -1,0 +1,178 @@
+"""DistilledDataset: regenerates a bundle's images in batches while a student trains."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..bundle import Bundle
+from ..errors import DDCodecError
+from ..generators.pipelines import build_pipeline
+from ..labels.codec import decode_soft_labels, one_hot
+from .cache import RegenerationCache
+from .order import epoch_permutation, rank_batches, steps_per_epoch
+
+
+def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size) from arguments, torch.distributed, or torchrun/accelerate environment variables."""
+    if rank is not None and world_size is not None:
+        return int(rank), int(world_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class DistilledDataset(IterableDataset):
+    """Yields (images, soft_labels, hard_labels) batches regenerated from a bundle.
+
+    `set_epoch(e)` selects variant e mod the bundle's variant count. Each rank yields its share of
+    a seeded epoch order that does not depend on world size or worker count.
+    """
+
+    def __init__(self, bundle: Bundle | str | os.PathLike | list[str], device: str | torch.device = "cpu",
+                 batch_size: int = 64, dtype: torch.dtype | None = None, micro_batch: int | None = None,
+                 shuffle: bool = True, rank: int | None = None, world_size: int | None = None,
+                 cache_dir: str | os.PathLike | None = None, return_ids: bool = False,
+                 online_teacher: Callable[[torch.Tensor], torch.Tensor] | None = None, teacher_temperature: float = 1.0,
+                 allow_different_weights: bool = False, prior: Any = None) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        if batch_size < 1:
+            raise DDCodecError(f"batch_size must be at least 1, not {batch_size}")
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.dtype = dtype
+        self.micro_batch = micro_batch
+        self.shuffle = shuffle
+        self.rank, self.world_size = dist_info(rank, world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise DDCodecError(f"rank {self.rank} is outside world size {self.world_size}")
+        self.cache_dir = cache_dir
+        self.return_ids = return_ids
+        self.online_teacher = online_teacher
+        self.teacher_temperature = teacher_temperature
+        self.allow_different_weights = allow_different_weights
+        self._prior = prior
+        self._pipeline = None
+        self.epoch = 0
+        self._start = 0  # batches of the current epoch already consumed (resume point)
+        self._step = 0
+        rank_batches(torch.arange(self.bundle.num_items), self.batch_size, self.world_size, self.rank)  # fail early
+
+    # epochs and resume -------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (and so the variant); resets the resume position."""
+        self.epoch, self._start, self._step = int(epoch), 0, 0
+
+    @property
+    def variant(self) -> int:
+        return self.epoch % self.bundle.variants
+
+    def __len__(self) -> int:
+        return steps_per_epoch(self.bundle.num_items, self.batch_size, self.world_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank is: epoch and batches consumed, plus what must match on resume."""
+        return {"epoch": self.epoch, "batches": self._step, "bundle": self.bundle.digest(),
+                "world_size": self.world_size, "batch_size": self.batch_size, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a state_dict(): the next batch is the one after the last consumed."""
+        for key in ("bundle", "world_size", "batch_size", "shuffle"):
+            if key in state and state[key] != self.state_dict()[key]:
+                raise DDCodecError(f"cannot resume: saved {key} is {state[key]!r}, this loader has {self.state_dict()[key]!r}",
+                                   "resume with the same bundle, world size, batch size and shuffle")
+        self.epoch, self._start, self._step = int(state["epoch"]), int(state["batches"]), int(state["batches"])
+
+    # regeneration ------------------------------------------------------------------------
+    @property
+    def pipeline(self) -> Any:
+        if self._pipeline is None:
+            self._pipeline = build_pipeline(self.bundle.manifest, self.bundle.items, device=self.device, dtype=self.dtype,
+                                            micro_batch=self.micro_batch, prior=self._prior,
+                                            allow_different_weights=self.allow_different_weights)
+        return self._pipeline
+
+    def _cache(self) -> RegenerationCache | None:
+        if self.cache_dir is None:
+            return None
+        p = self.pipeline
+        key = hashlib.sha256(f"{self.bundle.digest()}|{p.device.type}|{p.dtype}|{p.micro_batch}".encode()).hexdigest()[:20]
+        return RegenerationCache(self.cache_dir, key, (3, *p.image_size))
+
+    def regenerate(self, ids: torch.Tensor, variant: int) -> torch.Tensor:
+        """Images for `ids` at `variant`, from the cache where present."""
+        cache = self._cache()
+        if cache is None:
+            return self.pipeline(ids, variant)
+        cached = {int(i): cache.get(int(i), variant) for i in ids}
+        todo = [i for i, img in cached.items() if img is None]
+        if todo:
+            for i, img in zip(todo, self.pipeline(todo, variant)):
+                cache.put(i, variant, img)
+                cached[i] = img.cpu()
+        return torch.stack([cached[int(i)] for i in ids]).to(self.pipeline.device)
+
+    def labels(self, ids: torch.Tensor, variant: int, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(soft, hard) labels for these items at this variant."""
+        hard = self.bundle.items["class_ids"][ids]
+        if self.online_teacher is not None:
+            with torch.no_grad():
+                soft = torch.softmax(self.online_teacher(images).float() / self.teacher_temperature, -1)
+            return soft.to(images.device), hard.to(images.device)
+        lab = self.bundle.manifest["labels"]
+        if lab["kind"] == "soft":
+            soft = decode_soft_labels(self.bundle.labels, lab["codec"], ids, variant)
+        else:
+            soft = one_hot(hard, self.bundle.num_classes)
+        return soft.to(images.device), hard.to(images.device)
+
+    def batches(self) -> list[torch.Tensor]:
+        """This rank's item-id batches for the current epoch."""
+        perm = epoch_permutation(self.bundle.num_items, self.bundle.seed, self.epoch, self.shuffle)
+        return rank_batches(perm, self.batch_size, self.world_size, self.rank)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        worker = get_worker_info()
+        wid, nw = (worker.id, worker.num_workers) if worker else (0, 1)
+        variant = self.variant
+        batches = self.batches()
+        for s in range(self._start, len(batches)):
+            if (s - self._start) % nw != wid:
+                continue
+            ids = batches[s]
+            images = self.regenerate(ids, variant)
+            soft, hard = self.labels(ids, variant, images)
+            if worker is None:
+                self._step = s + 1
+            yield (images, soft, hard, ids) if self.return_ids else (images, soft, hard)
+        if worker is None:
+            self._start, self._step = 0, 0
+
+    def loader(self, num_workers: int = 0, **kwargs: Any) -> "TrackingLoader":
+        """A DataLoader over this dataset that keeps state_dict() exact with workers."""
+        return TrackingLoader(self, num_workers=num_workers, **kwargs)
+
+
+class TrackingLoader:
+    """Iterates a DataLoader(dataset, batch_size=None) and records each consumed batch on the dataset."""
+
+    def __init__(self, dataset: DistilledDataset, num_workers: int = 0, **kwargs: Any) -> None:
+        self.dataset = dataset
+        self.kwargs = {"batch_size": None, "num_workers": num_workers, **kwargs}
+        if num_workers > 0:
+            self.kwargs.setdefault("multiprocessing_context", "fork" if dataset.device.type == "cpu" else "spawn")
+
+    def __len__(self) -> int:
+        return len(self.dataset) - self.dataset._start
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        ds = self.dataset
+        start = ds._start
+        for k, batch in enumerate(DataLoader(ds, **self.kwargs)):
+            ds._step = start + k + 1
+            yield batch
+        ds._start, ds._step = 0, 0

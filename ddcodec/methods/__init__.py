@@ -1,0 +1,1 @@
+"""Producers: methods that turn a labelled dataset into a bundle."""

@@ -1,0 +1,78 @@
+"""Shared producer steps: picking items, resizing, VAE-encoding, and the generator record."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..errors import DDCodecError
+from ..generators.prior import LatentPrior
+
+
+def class_indices(source: Any) -> list[list[int]]:
+    """Indices of each class's images, in source order."""
+    targets = getattr(source, "targets", None) or [source[i][1] for i in range(len(source))]
+    per = [[] for _ in source.classes]
+    for i, t in enumerate(targets):
+        per[int(t)].append(i)
+    return per
+
+
+def pick_random(per_class: list[list[int]], ipc: int, seed: int, class_names: list[str]) -> list[int]:
+    """IPC indices per class, drawn with a seeded generator; class-major order."""
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c, idx in enumerate(per_class):
+        if ipc > len(idx):
+            raise DDCodecError(f"--ipc {ipc} is larger than class '{class_names[c]}' ({len(idx)} images)",
+                               f"use --ipc {len(idx)} or less")
+        picked.extend(idx[j] for j in torch.randperm(len(idx), generator=g)[:ipc].tolist())
+    return picked
+
+
+def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (B,3,h,w) to float (B,3,H,W) in [0,1]."""
+    x = images.float() / 255.0
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    return x
+
+
+def load_images(source: Any, indices: Iterable[int], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selected images resized to `size` (float [0,1]) and their labels."""
+    imgs, labels = [], []
+    for i in indices:
+        img, label = source[i]
+        imgs.append(resize(img[None], size)[0])
+        labels.append(label)
+    return torch.stack(imgs), torch.tensor(labels, dtype=torch.int64)
+
+
+@torch.no_grad()
+def encode_latents(prior: LatentPrior, images: torch.Tensor, batch_size: int = 64, desc: str = "VAE-encoding") -> torch.Tensor:
+    """Scaled VAE latent means of images in [0,1], in batches with a progress bar."""
+    out = []
+    for s in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+        out.append(prior.encode(images[s:s + batch_size]).float().cpu())
+    return torch.cat(out)
+
+
+def generator_record(prior: LatentPrior, pipeline: str, params: dict[str, Any], dtype: str = "float32",
+                     micro_batch: int = 16) -> dict[str, Any]:
+    """The manifest's generator section for this prior and recipe."""
+    return {
+        "pipeline": pipeline,
+        "model": {"source": prior.source, "revision": prior.revision, "kind": prior.kind,
+                  "components": prior.component_hashes()},
+        "scheduler": prior.scheduler_spec(),
+        "dtype": dtype,
+        "micro_batch": int(micro_batch),
+        "params": params,
+    }
+
+
+def default_prompts(class_names: list[str]) -> list[str]:
+    return [f"a photo of a {n}" for n in class_names]
