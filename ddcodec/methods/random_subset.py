@@ -31,3 +31,14 @@ def encode_random(data: str, ipc: int, out: str | Path, seed: int = 0, generator
                             generator=generator_record(prior, "img2img", {"strength": 0.0}, micro_batch=micro_batch))
     payloads = {"items": {"class_ids": labels, "latents": latents.to(torch.float16)}}
     return write_bundle(out, manifest, payloads, overwrite=overwrite, prior=prior)
+
+
+def add_arguments(group) -> None:
+    """The random baseline has no options of its own."""
+
+
+def run(args) -> Bundle:
+    """`ddcodec encode --method random`."""
+    return encode_random(args.data, args.ipc, args.out, seed=args.seed, generator=args.generator,
+                         image_size=args.image_size, split=args.split, overwrite=args.overwrite,
+                         micro_batch=args.micro_batch)
