@@ -227,7 +227,7 @@ def build_pipeline(manifest: dict[str, Any], items: dict[str, torch.Tensor], dev
 def _load_plugins() -> None:
     """Import the modules that register method-specific pipelines."""
     import importlib
-    for mod in ("ddcodec.methods.dace", "ddcodec.methods.ld3m"):
+    for mod in ("ddcodec.generators.dace", "ddcodec.generators.ld3m"):
         try:
             importlib.import_module(mod)
         except ImportError:

@@ -1,0 +1,54 @@
+"""Resumable encode state: finished work units saved atomically beside the output, reused on re-run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from ..bundle.atomic import atomic_write_bytes, atomic_write_json
+from ..errors import DDCodecError
+
+
+class WorkDir:
+    """`{out}.partial/`: one safetensors file per finished unit, valid only for the same parameters."""
+
+    def __init__(self, out: str | os.PathLike, params: dict[str, Any]) -> None:
+        self.dir = Path(str(out) + ".partial")
+        self.key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+        marker = self.dir / "params.json"
+        if marker.exists():
+            try:
+                saved = json.loads(marker.read_text()).get("key")
+            except (OSError, ValueError):
+                saved = None
+            if saved != self.key:
+                raise DDCodecError(f"{self.dir} holds an interrupted encode with different parameters",
+                                   "re-run with the same arguments to resume, or delete that directory")
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(marker, {"key": self.key, "params": params})
+
+    def _path(self, name: str) -> Path:
+        return self.dir / f"{name}.safetensors"
+
+    def get(self, name: str) -> dict[str, torch.Tensor] | None:
+        """A finished unit's tensors, or None if not done (or damaged, in which case it is redone)."""
+        try:
+            return safetensors.torch.load(self._path(name).read_bytes())
+        except Exception:
+            return None
+
+    def put(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Record a finished unit atomically."""
+        atomic_write_bytes(self._path(name), safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+    def done(self) -> None:
+        """Remove the state once the bundle is written."""
+        shutil.rmtree(self.dir, ignore_errors=True)
