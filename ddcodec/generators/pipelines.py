@@ -1,13 +1,16 @@
 """Regeneration pipelines: pure functions from (item ids, variant) to images, run in fixed micro-batches.
 
-Every pipeline runs the denoiser on micro-batches of one fixed size, padding the last one.
-On CPU a row's result then does not depend on which other items share its batch, so an image is
-bitwise the same whatever the loader's batch size, worker count or world size.
+Every pipeline runs the denoiser on micro-batches of one fixed size, padding the last one, and on
+CPU with oneDNN (mkldnn) off, whose convolutions change with the thread count. A row's result then
+depends neither on which other items share its batch nor on the threads, so an image is bitwise the
+same whatever the loader's batch size, worker count or world size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import warnings
 from typing import Any, Callable
 
@@ -35,6 +38,13 @@ def register_pipeline(name: str) -> Callable[[type], type]:
 def image_sha256(image: torch.Tensor) -> str:
     """sha256 of an image's float32 bytes (C-contiguous, little-endian)."""
     return hashlib.sha256(image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def cpu_deterministic(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """On CPU, turn oneDNN off so results do not depend on the thread count; elsewhere a no-op."""
+    if torch.device(device).type == "cpu":
+        return torch.backends.mkldnn.flags(enabled=False)
+    return contextlib.nullcontext()
 
 
 def item_generators(seed: int, ids: list[int], variant: int, stream: str = "noise") -> list[torch.Generator]:
@@ -67,10 +77,11 @@ class RegenerationPipeline:
         """Images (B, 3, H, W), float32 in [0, 1], on the pipeline's device."""
         ids = [int(i) for i in item_ids]
         out = []
-        for start in range(0, len(ids), self.micro_batch):
-            chunk = ids[start:start + self.micro_batch]
-            padded = chunk + [chunk[-1]] * (self.micro_batch - len(chunk))
-            out.append(self.generate(padded, variant)[:len(chunk)])
+        with cpu_deterministic(self.device):
+            for start in range(0, len(ids), self.micro_batch):
+                chunk = ids[start:start + self.micro_batch]
+                padded = chunk + [chunk[-1]] * (self.micro_batch - len(chunk))
+                out.append(self.generate(padded, variant)[:len(chunk)])
         if not out:
             return torch.empty(0, 3, *self.image_size, device=self.device)
         return torch.cat(out)
@@ -86,10 +97,21 @@ class RegenerationPipeline:
     def condition(self, ids: list[int]) -> dict[str, torch.Tensor]:
         """Denoiser kwargs: a per-item 'cond' tensor when the bundle has one, else the class's."""
         class_ids = self.class_ids(ids)
-        kwargs = self.prior.conditioner.condition(class_ids, [self.prompts[c] for c in class_ids.tolist()])
+        kwargs = self.prior.conditioner.condition(class_ids, [self.prompts[c] for c in class_ids.tolist()],
+                                                  **self.size_kwargs())
         if "cond" in self.items:
             kwargs["encoder_hidden_states"] = self.items["cond"][ids].to(self.device, self.dtype)
         return {k: _cast(v, self.dtype) for k, v in kwargs.items()}
+
+    def size_kwargs(self) -> dict[str, Any]:
+        """{'image_size': pixel size of the denoised latents} for conditioners that take it (SDXL's time_ids)."""
+        fn = getattr(self.prior.conditioner, "condition", None)
+        if fn is None or "image_size" not in inspect.signature(fn).parameters:
+            return {}
+        if "latents" in self.items:
+            f = 2 ** (len(self.prior.vae.config.block_out_channels) - 1)
+            return {"image_size": tuple(int(n) * f for n in self.items["latents"].shape[-2:])}
+        return {"image_size": self.image_size}
 
     def start_latents(self, ids: list[int]) -> torch.Tensor | None:
         """z0 for img2img: stored latents, or stored pixels encoded by the VAE; None for pure sampling."""
@@ -134,8 +156,8 @@ class RegenerationPipeline:
             latents = sched.add_noise(z0.float(), noise, timesteps[:1].repeat(len(ids)))
         cond = self.condition(ids)
         if guidance > 1.0:
-            uncond = self.prior.conditioner.null_condition(len(ids), p.get("negative_prompt"))
-            cond = {k: torch.cat([_cast(uncond[k], self.dtype), v]) for k, v in cond.items()}
+            uncond = self.prior.conditioner.null_condition(len(ids), p.get("negative_prompt"), **self.size_kwargs())
+            cond = {k: _cat(_cast(uncond[k], self.dtype), v) for k, v in cond.items()}
         step_kwargs = {"generator": gens} if "generator" in sched.step.__code__.co_varnames else {}
         for t in timesteps:
             x = sched.scale_model_input(latents, t)
@@ -164,6 +186,13 @@ def _cast(v: Any, dtype: torch.dtype) -> Any:
     if isinstance(v, torch.Tensor) and v.is_floating_point():
         return v.to(dtype)
     return v
+
+
+def _cat(a: Any, b: Any) -> Any:
+    """torch.cat([a, b]) of tensors, key by key for dicts (SDXL's added_cond_kwargs)."""
+    if isinstance(a, dict):
+        return {k: _cat(a[k], b[k]) for k in b}
+    return torch.cat([a, b])
 
 
 @register_pipeline("img2img")

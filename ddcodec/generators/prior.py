@@ -80,6 +80,9 @@ class LatentPrior:
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Save every component in diffusers layout, with a model_index.json."""
+        if self.kind == "text":
+            from .text import save_text_prior
+            return save_text_prior(self, path)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.vae.save_pretrained(path / "vae")
@@ -158,6 +161,8 @@ def load_prior(source: str, revision: str | None = None, num_classes: int | None
                local_files_only: bool | None = None) -> LatentPrior:
     """Load a prior from a builtin name, a local diffusers-layout directory, or a hub id (never remote code)."""
     source = resolve_source(source)
+    if source.startswith("builtin:") and source not in BUILTINS:
+        _import_builtin_modules()
     if source in BUILTINS:
         return BUILTINS[source](num_classes=num_classes or 10) if num_classes else BUILTINS[source]()
     if source.startswith("builtin:"):
@@ -175,6 +180,14 @@ def load_prior(source: str, revision: str | None = None, num_classes: int | None
         from .loading import load_text_prior
         return load_text_prior(source, revision, index, local_files_only)
     raise GeneratorError(f"{source} has neither a conditioner nor a text encoder", "use a Stable Diffusion-style or ddcodec prior")
+
+
+def _import_builtin_modules() -> None:
+    """Import the modules that register more builtins (the text priors need transformers)."""
+    try:
+        from . import text  # noqa: F401  registers builtin:tiny-sd-turbo, builtin:tiny-sdxl-turbo, ...
+    except ImportError as e:
+        raise GeneratorError(f"cannot import ddcodec's text priors ({e})", "pip install 'transformers>=4.40'") from None
 
 
 def _read_index(source: str, revision: str | None, local_files_only: bool | None) -> dict[str, Any]:

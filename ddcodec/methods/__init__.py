@@ -11,6 +11,9 @@ from types import ModuleType
 
 METHODS: dict[str, str] = {
     "random": "ddcodec.methods.random_subset",
+    "d4m": "ddcodec.methods.d4m",
+    "dace": "ddcodec.methods.dace",
+    "rded": "ddcodec.methods.rded",
 }
 
 

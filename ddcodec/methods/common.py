@@ -54,9 +54,11 @@ def load_images(source: Any, indices: Iterable[int], size: tuple[int, int]) -> t
 @torch.no_grad()
 def encode_latents(prior: LatentPrior, images: torch.Tensor, batch_size: int = 64, desc: str = "VAE-encoding") -> torch.Tensor:
     """Scaled VAE latent means of images in [0,1], in batches with a progress bar."""
+    from ..generators.pipelines import cpu_deterministic
     out = []
-    for s in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-        out.append(prior.encode(images[s:s + batch_size]).float().cpu())
+    with cpu_deterministic(next(prior.vae.parameters()).device):
+        for s in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+            out.append(prior.encode(images[s:s + batch_size]).float().cpu())
     return torch.cat(out)
 
 
@@ -76,3 +78,45 @@ def generator_record(prior: LatentPrior, pipeline: str, params: dict[str, Any], 
 
 def default_prompts(class_names: list[str]) -> list[str]:
     return [f"a photo of a {n}" for n in class_names]
+
+
+# shared by the d4m, dace and rded producers ---------------------------------------------------
+def option(args: Any, name: str, default: Any) -> Any:
+    """A method option from argparse, or the method's default when unset (options default to None)."""
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
+def image_size(source: Any, indices: list[int], size: int | None) -> tuple[int, int]:
+    """The bundle's (H, W): --image-size if given, else the first selected image's."""
+    if size:
+        return (int(size), int(size))
+    return tuple(int(s) for s in source[indices[0]][0].shape[-2:])
+
+
+def check_class_sizes(per_class: list[list[int]], need: int, class_names: list[str], what: str, fix: str) -> None:
+    """Fail with one line when some class has fewer than `need` images."""
+    for c, idx in enumerate(per_class):
+        if need > len(idx):
+            raise DDCodecError(f"{what} needs {need} images of class '{class_names[c]}' but it has {len(idx)}", fix)
+
+
+def seeded_subset(indices: list[int], count: int | None, seed: int) -> list[int]:
+    """`count` of `indices` drawn with a seeded permutation (all of them, in order, when count is None or larger)."""
+    if count is None or count >= len(indices):
+        return list(indices)
+    g = torch.Generator().manual_seed(seed)
+    return [indices[j] for j in torch.randperm(len(indices), generator=g)[:count].tolist()]
+
+
+def work_params(args: Any, prior: LatentPrior | None, **method: Any) -> dict[str, Any]:
+    """Everything that determines an encode's intermediate results: the resume key of its WorkDir."""
+    common = {k: getattr(args, k, None) for k in ("method", "data", "split", "ipc", "seed", "generator", "image_size",
+                                                   "micro_batch")}
+    return {**common, "prior": prior.component_hashes() if prior is not None else None, **method}
+
+
+def batched(seq: list[int], size: int) -> Iterable[list[int]]:
+    """Consecutive chunks of `seq` of at most `size`."""
+    for s in range(0, len(seq), size):
+        yield seq[s:s + size]
