@@ -144,8 +144,12 @@ def cmd_shard(args: argparse.Namespace) -> int:
 # demo --------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     """The README's main job: encode the shipped sample, inspect it, write a preview."""
+    from .generators.prior import DEFAULT_PRIOR
     out = os.path.abspath(args.out)
     bundle_dir = os.path.join(out, "bundle")
+    if args.generator == "builtin:default" and not (DEFAULT_PRIOR / "model_index.json").exists():
+        print("note: the embedded default prior is not installed; using the tiny random-weight prior")
+        args.generator = "builtin:tiny"
     ns = argparse.Namespace
     run = [
         (cmd_encode, ns(method=args.method, data=args.data, split="train", ipc=args.ipc, out=bundle_dir, seed=0,

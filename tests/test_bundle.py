@@ -15,8 +15,17 @@ from ddcodec.bundle.manifest import derive_seed
 from ddcodec.errors import BundleError, DDCodecError
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ddcodec.cli", *args], capture_output=True, text=True, timeout=600)
+def run_cli(*args: str, subprocess_: bool = False) -> subprocess.CompletedProcess:
+    """Run the CLI in-process (fast), or as a real process when the exit path itself is under test."""
+    if subprocess_:
+        return subprocess.run([sys.executable, "-m", "ddcodec.cli", *args], capture_output=True, text=True, timeout=600)
+    import contextlib
+    import io
+    from ddcodec.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
@@ -61,14 +70,14 @@ def test_seed_derivation_is_stable():
 
 
 def test_verify_passes_bitwise(tiny_bundle):
-    r = run_cli("verify", str(tiny_bundle))
+    r = run_cli("verify", str(tiny_bundle), subprocess_=True)
     assert r.returncode == 0 and "PASS" in r.stdout and "bitwise identical" in r.stdout, r.stdout + r.stderr
 
 
 def test_truncated_payload(copy):
     f = copy / "items.safetensors.zst"
     f.write_bytes(f.read_bytes()[:-100])
-    assert_one_line_error(run_cli("verify", str(copy)), "truncated")
+    assert_one_line_error(run_cli("verify", str(copy), subprocess_=True), "truncated")
 
 
 def test_flipped_byte(copy):
@@ -156,8 +165,11 @@ def test_write_bundle_is_atomic_on_failure(tiny_bundle, tmp_path):
 def test_shard_corruption_names_the_shard(tiny_bundle, tmp_path):
     from ddcodec.bundle.shards import write_shards
     paths = write_shards(Bundle.open(tiny_bundle), tmp_path, items_per_shard=10)
+    import tarfile
+    with tarfile.open(paths[1]) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith("item.safetensors")][2]
     data = bytearray(paths[1].read_bytes())
-    data[-2000] ^= 0xFF
+    data[member.offset_data + member.size - 3] ^= 0xFF  # inside an item's tensor bytes
     paths[1].write_bytes(bytes(data))
     with pytest.raises(BundleError):
         Bundle.open([str(p) for p in paths])

@@ -100,7 +100,9 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's rule: key
 
 def is_wds_spec(spec: str) -> bool:
     """True for 'wds:...', shard URLs and brace patterns ('shards/train-{0000..0009}.tar')."""
-    return spec.startswith("wds:") or spec.startswith(WDS_SCHEMES) or "{split}" in spec or bool(re.search(r"\{[^}]*(\.\.|,)[^}]*\}", spec))
+    if spec.startswith("wds:") or spec.startswith(WDS_SCHEMES) or "{split}" in spec:
+        return True
+    return bool(re.search(r"\{[^}]*(\.\.|,)[^}]*\}", spec))
 
 
 def wds_urls(spec: str, split: str) -> list[str]:

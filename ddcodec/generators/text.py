@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -59,6 +60,11 @@ class TextConditioner(nn.Module):
         sd = super().state_dict(*args, **kwargs)
         return type(sd)((k.replace(".text_model.", ".", 1), v) for k, v in sd.items())
 
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load `state_dict()`'s normalised keys (or the raw ones)."""
+        raw = {k.replace(".text_model.", ".", 1): k for k in super().state_dict()}
+        return super().load_state_dict({raw.get(k, k): v for k, v in state_dict.items()}, strict=strict, assign=assign)
+
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "TextConditioner":
         self._cache = {}  # cached embeddings live on the old device/dtype
         return super()._apply(fn, *args, **kwargs)
@@ -67,7 +73,10 @@ class TextConditioner(nn.Module):
     def embed(self, prompt: str) -> Embedding:
         """(1, L, D) cross-attention states and (1, P) pooled embedding (None without text_time), cached per prompt."""
         if prompt not in self._cache:
-            self._cache[prompt] = self._encode(prompt)
+            # on CPU, oneDNN off (as pipelines.cpu_deterministic): the cached value must not depend on the caller
+            off = torch.backends.mkldnn.flags(enabled=False) if self.device.type == "cpu" else contextlib.nullcontext()
+            with off:
+                self._cache[prompt] = self._encode(prompt)
         return self._cache[prompt]
 
     def _encode(self, prompt: str) -> Embedding:

@@ -18,8 +18,8 @@ from ..errors import DDCodecError
 from ..generators.prior import LatentPrior, load_prior
 from ..labels import softlabels
 from .checkpoint import WorkDir
-from .common import (batched, check_class_sizes, class_indices, default_prompts, encode_latents, generator_record,
-                     image_size, load_images, option, seeded_subset, work_params)
+from .common import (batched, check_class_sizes, class_indices, default_prompts, generator_record, image_size,
+                     load_images, option, seeded_subset, work_params)
 
 DEFAULTS: dict[str, Any] = {
     "strength": 0.7,                               # official code
@@ -56,12 +56,13 @@ def kmeans_prototypes(latents: torch.Tensor, k: int, seed: int, batch_size: int)
     return centres.contiguous(), torch.tensor(sizes[order], dtype=torch.int64)
 
 
-def class_latents(prior: LatentPrior, source: Any, indices: list[int], size: tuple[int, int], batch: int = 256) -> torch.Tensor:
-    """VAE latent means of one class's images, loaded and encoded in batches."""
+def class_latents(prior: LatentPrior, source: Any, indices: list[int], size: tuple[int, int], label: str,
+                  batch: int = 64) -> torch.Tensor:
+    """VAE latent means of one class's images, loaded and encoded in fixed batches."""
     out = []
-    for chunk in batched(indices, batch):
+    for chunk in tqdm(list(batched(indices, batch)), desc=f"VAE-encoding {label}", unit="batch", leave=False):
         images, _ = load_images(source, chunk, size)
-        out.append(encode_latents(prior, images, desc="VAE-encoding"))
+        out.append(prior.encode(images).float().cpu())
     return torch.cat(out)
 
 
@@ -102,7 +103,7 @@ def run(args: Any) -> Bundle:
         unit = work.get(f"kmeans-c{c}")
         if unit is None:
             idx = seeded_subset(per_class[c], candidates, derive_seed(seed, c, 0, "candidates"))
-            z = class_latents(prior, source, idx, size)
+            z = class_latents(prior, source, idx, size, names[c])
             proto, count = kmeans_prototypes(z, ipc, derive_seed(seed, c, 0, "kmeans"), km_batch)
             unit = {"prototypes": proto, "sizes": count}
             work.put(f"kmeans-c{c}", unit)

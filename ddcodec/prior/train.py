@@ -39,6 +39,10 @@ class RunState:
     log: list[dict[str, Any]] = field(default_factory=list)
 
 
+# settings a resumed run may change: the learning-rate schedules stretch to the new step counts
+RESUMABLE = ("vae_steps", "unet_steps", "batch_size", "unet_batch_size")
+
+
 class Stop(Exception):
     """Raised internally when --stop-after steps are done (after a checkpoint)."""
 
@@ -107,10 +111,14 @@ class Trainer:
     def restore(self) -> None:
         """Continue from the checkpoint (its config must match this run's)."""
         tensors, meta = load_checkpoint(self.ckpt)
-        if meta["config"] != self.cfg.to_dict() or meta["classes"] != self.data.classes or meta["num_images"] != len(self.data):
-            diff = sorted(k for k, v in meta["config"].items() if self.cfg.to_dict().get(k) != v)
+        now = self.cfg.to_dict()
+        diff = sorted(k for k, v in meta["config"].items() if now.get(k) != v)
+        fixed = [k for k in diff if k not in RESUMABLE]
+        if fixed or meta["classes"] != self.data.classes or meta["num_images"] != len(self.data):
             raise DDCodecError(f"the checkpoint in {self.ckpt} was made with different settings or data "
-                               f"({', '.join(diff) or 'data'})", "repeat the original command with --resume, or pass --overwrite")
+                               f"({', '.join(fixed) or 'data'})", "repeat the original command with --resume, or pass --overwrite")
+        if diff:
+            self.say("continuing with changed " + ", ".join(f"{k} {meta['config'][k]} -> {now[k]}" for k in diff))
         self.vae.load_state_dict(tensors["vae"])
         self.unet.load_state_dict(tensors["unet"])
         self.cond.load_state_dict(tensors["conditioner"])
@@ -300,7 +308,9 @@ class Trainer:
         params = list(prior.unet.parameters()) + list(prior.conditioner.parameters())
         self.ema.copy_to(params)
         for m in prior.modules().values():
-            m.to(self.save_dtype).eval()
+            if self.save_dtype != torch.float32:
+                m.to(self.save_dtype)
+            m.eval()
         write_prior_dir(prior, self.out, record)
 
 

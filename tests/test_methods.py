@@ -1,0 +1,211 @@
+"""The d4m, dace and rded producers: encode real CIFAR-10 images with the tiny prior, regenerate bitwise,
+soft labels, resume after interruption, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddcodec.bundle import Bundle
+from ddcodec.cli import main
+from ddcodec.errors import DDCodecError
+from ddcodec.labels.codec import decode_soft_labels
+from ddcodec.loader import DistilledDataset
+from ddcodec.methods.checkpoint import WorkDir
+from ddcodec.methods.patch_selection import crop_box, stitch
+
+ARGS = {  # --candidates 6: every method reads only 6 seeded images per class
+    "d4m": ["--ipc", "2", "--candidates", "6", "--steps", "4", "--variants", "2"],
+    "dace": ["--ipc", "1", "--candidates", "6", "--variants", "2"],
+    "rded": ["--ipc", "1", "--candidates", "6"],
+}
+METHODS = list(ARGS)
+SAMPLE = Path(__file__).resolve().parent.parent / "ddcodec" / "assets" / "samples" / "cifar10.tar"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on 2 shared cores, oversubscribed threads make small convolutions 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def encode(method: str, data, out, *extra: str) -> int:
+    return main(["encode", "--method", method, "--data", str(data), "--out", str(out), "--generator", "builtin:tiny",
+                 *ARGS[method], *extra])
+
+
+@pytest.fixture(scope="module")
+def data(request) -> tuple[str, int]:
+    """(--data, images per class): the shipped sample when present, else the 6-per-class real folder."""
+    if SAMPLE.exists():
+        return "sample:cifar10", 200
+    return str(request.getfixturevalue("cifar_folder")), 6
+
+
+@pytest.fixture(scope="module")
+def bundles(data, tmp_path_factory) -> dict:
+    """One bundle per method, encoded once."""
+    root = tmp_path_factory.mktemp("methods")
+    out = {}
+    for m in METHODS:
+        assert encode(m, data[0], root / m) == 0
+        out[m] = root / m
+    return out
+
+
+def regenerate(path, epoch: int) -> dict[int, torch.Tensor]:
+    ds = DistilledDataset(path, batch_size=16, return_ids=True)
+    ds.set_epoch(epoch)
+    return {int(i): img for x, _, _, ids in ds for i, img in zip(ids, x)}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_regenerates_bitwise(bundles, method):
+    b = Bundle.open(bundles[method])
+    assert b.manifest["method"]["name"] == method
+    epochs = []
+    for epoch in range(b.variants):
+        first, second = regenerate(bundles[method], epoch), regenerate(bundles[method], epoch)
+        assert sorted(first) == list(range(b.num_items))
+        assert all(torch.equal(first[i], second[i]) for i in first)
+        epochs.append(first)
+    if b.variants > 1:  # each epoch's variant draws new seeded noise
+        assert not torch.equal(epochs[0][0], epochs[1][0])
+
+
+def test_shapes_and_payloads(bundles):
+    d4m, dace, rded = (Bundle.open(bundles[m]) for m in METHODS)
+    assert d4m.num_items == 20 and d4m.items["latents"].dtype == torch.float16
+    assert d4m.manifest["generator"]["params"]["strength"] == 0.7
+    assert dace.num_items == 40 and dace.items["pixels"].shape[1:] == (3, 16, 16) and dace.items["pixels"].dtype == torch.uint8
+    assert rded.num_items == 10 and rded.items["pixels"].shape[1:] == (3, 32, 32)
+    assert rded.manifest["generator"]["model"]["source"] == "builtin:none"
+    # rded stitches exactly the patches dace keeps: same selection, same order
+    per_class = dace.items["pixels"].view(10, 4, 3, 16, 16)
+    assert torch.equal(stitch(per_class[3], 2)[0], rded.items["pixels"][3])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_soft_labels_decode_to_distributions(bundles, method):
+    b = Bundle.open(bundles[method])
+    lab = b.manifest["labels"]
+    assert lab["kind"] == "soft" and lab["teacher"]["name"] == "cifar10-resnet56"
+    assert b.labels["topk_index"].shape == (b.num_items, b.variants, lab["codec"]["k"])
+    ids = torch.arange(b.num_items)
+    for v in range(b.variants):
+        p = decode_soft_labels(b.labels, lab["codec"], ids, v)
+        assert p.shape == (b.num_items, 10) and (p >= 0).all()
+        assert torch.allclose(p.sum(-1), torch.ones(b.num_items), atol=1e-5)
+
+
+def test_soft_labels_match_teacher_on_regenerated_images(bundles):
+    """The stored labels are the teacher's on exactly the images DistilledDataset yields."""
+    from ddcodec.labels.teachers import load_teacher
+    teacher = load_teacher("cifar10-resnet56")
+    ds = DistilledDataset(bundles["dace"], batch_size=40)
+    ds.set_epoch(1)
+    x, soft, _ = next(iter(ds))
+    with torch.no_grad():
+        p = torch.softmax(teacher(x), -1)
+    assert (soft - p).abs().max() < 0.01  # int8 quantisation and the top-5 tail
+    assert torch.equal(soft.argmax(-1), p.argmax(-1))
+
+
+@pytest.mark.parametrize("method,stop", [("d4m", 11), ("rded", 4), pytest.param("dace", 4, marks=pytest.mark.slow)])
+def test_resume_after_interruption_is_identical(bundles, data, tmp_path, monkeypatch, method, stop):
+    """Killed after `stop` finished units (d4m: all k-means and one soft-label chunk), then re-run: same bundle."""
+    out = tmp_path / method
+    calls = {"n": 0}
+    put = WorkDir.put
+
+    def flaky_put(self, name, tensors):
+        put(self, name, tensors)
+        calls["n"] += 1
+        if calls["n"] == stop:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(WorkDir, "put", flaky_put)
+    assert encode(method, data[0], out) == 130
+    assert not out.exists() and (tmp_path / f"{method}.partial").is_dir()
+    done = len(list((tmp_path / f"{method}.partial").glob("*.safetensors")))
+    assert done == stop
+    monkeypatch.setattr(WorkDir, "put", put)
+    assert encode(method, data[0], out) == 0
+    assert not (tmp_path / f"{method}.partial").exists()
+    a, b = json.loads((out / "manifest.json").read_text()), json.loads((bundles[method] / "manifest.json").read_text())
+    assert a == b
+
+
+def test_online_labels(data, tmp_path):
+    assert encode("rded", data[0], tmp_path / "online", "--labels", "online") == 0
+    m = Bundle.open(tmp_path / "online").manifest
+    assert m["labels"] == {"kind": "hard", "online_teacher": {"name": "cifar10-resnet56", "temperature": 1.0}}
+    assert "labels" not in m["payloads"]
+
+
+def test_dace_mixup_partner_is_same_class_and_seeded(bundles):
+    from ddcodec.generators.pipelines import build_pipeline
+    b = Bundle.open(bundles["dace"])
+    pipe = build_pipeline(b.manifest, b.items)
+    ids = list(range(b.num_items))
+    partners, gammas = pipe.mixup_draws(ids, 3)
+    again, gammas2 = pipe.mixup_draws(ids[::-1], 3)
+    assert partners == again[::-1] and torch.equal(gammas, gammas2.flip(0))
+    cls = b.items["class_ids"]
+    assert all(int(cls[i]) == int(cls[p]) and p != i for i, p in zip(ids, partners))
+    assert ((gammas >= 0.5) & (gammas < 1)).all()
+    assert pipe.mixup_draws(ids, 4)[0] != partners
+
+
+def test_crop_box_and_stitch():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        top, left, h, w = crop_box(g, 32, 24, (0.08, 1.0))
+        assert 0 <= top and top + h <= 32 and 0 <= left and left + w <= 24 and h > 0 and w > 0
+    patches = torch.arange(8).view(8, 1, 1, 1).expand(8, 1, 2, 2)
+    img = stitch(patches, 2)
+    assert img.shape == (2, 1, 4, 4)
+    assert img[0, 0, ::2, ::2].tolist() == [[0, 1], [2, 3]] and img[1, 0, 0, 2].item() == 5
+
+
+@pytest.mark.parametrize("method,extra,message", [
+    ("d4m", ["--ipc", "{n1}", "--candidates", "{n1}"], "--ipc {n1} needs {n1} images of class"),
+    ("d4m", ["--ipc", "3", "--candidates", "2"], "--candidates 2 is fewer than --ipc 3"),
+    ("dace", ["--ipc", "2"], "keeps 8 patches per class"),
+    ("rded", ["--ipc", "{n1}", "--factor", "1", "--candidates", "{n1}"], "needs {n1} images of class"),
+    ("dace", ["--teacher", "nope"], "unknown teacher 'nope'"),
+    ("rded", ["--teacher", "imagenette-efficientnet-lite0"], "was trained on 10 other classes"),
+    ("d4m", ["--soft-k", "0"], "--soft-k must be at least 1"),
+    ("dace", ["--rho", "1.5"], "--rho must be in [0, 1]"),
+])
+def test_bad_arguments_are_one_line_errors(data, tmp_path, capsys, method, extra, message):
+    n1 = data[1] + 1
+    assert encode(method, data[0], tmp_path / "x", *[e.format(n1=n1) for e in extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message.format(n1=n1) in err and "\n" not in err and err.startswith("ddcodec: error:")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_missing_model_is_a_one_line_error(data, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc = main(["encode", "--method", "d4m", "--data", data[0], "--out", str(tmp_path / "x"),
+               "--generator", str(tmp_path / "empty"), "--ipc", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "has no model_index.json" in err and "\n" not in err
+
+
+def test_changed_arguments_do_not_reuse_partial_work(data, tmp_path):
+    WorkDir(tmp_path / "x", {"something": "else"})
+    with pytest.raises(DDCodecError, match="different parameters"):
+        from ddcodec.cli import build_parser
+        from ddcodec.methods import rded
+        rded.run(build_parser().parse_args(["encode", "--method", "rded", "--data", data[0], "--out",
+                                            str(tmp_path / "x"), *ARGS["rded"]]))
+    shutil.rmtree(tmp_path / "x.partial")

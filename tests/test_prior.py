@@ -1,0 +1,123 @@
+"""`ddcodec prior`: a tiny training run writes a loadable prior, checkpoints resume exactly, the default prior decodes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddcodec.errors import DDCodecError
+from ddcodec.generators.prior import DEFAULT_PRIOR, load_prior
+from ddcodec.prior.config import PriorConfig
+from ddcodec.prior.data import ImageSet
+from ddcodec.prior.evaluate import img2img
+from ddcodec.prior.train import psnr, train_prior
+
+SHARED = Path(os.environ.get("DDCODEC_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
+R20 = SHARED / "models" / "cifar10_resnet20.safetensors"
+
+TINY = dict(vae_channels=[16, 32], unet_channels=[32, 32], unet_attention=[False, True], context_dim=32,
+            vae_steps=2, unet_steps=2, batch_size=4, unet_batch_size=4, holdout=4, warmup=1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and the machine may be shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_data(n: int = 24, classes: int = 3, size: int = 16) -> ImageSet:
+    """Smooth random images: a 4x4 colour pattern upsampled, so there is something to reconstruct."""
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.rand(n, 3, 4, 4, generator=g)
+    images = (torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear") * 255).round().to(torch.uint8)
+    return ImageSet(images, torch.arange(n) % classes, [f"c{i}" for i in range(classes)])
+
+
+def states(path: Path) -> dict[str, torch.Tensor]:
+    p = load_prior(str(path))
+    return {f"{n}.{k}": v for n, m in p.modules().items() for k, v in m.state_dict().items()}
+
+
+def test_tiny_run_writes_a_loadable_prior(tmp_path):
+    cfg = PriorConfig(image_size=16, **TINY)
+    record = train_prior(cfg, tiny_data(), tmp_path / "p", progress=False, log=lambda s: None)
+    assert record["latent_shape"] == [4, 8, 8] and record["train_images"] == 21
+    assert not (tmp_path / "p.ckpt").exists(), "the checkpoint is removed once the prior is written"
+    prior = load_prior(str(tmp_path / "p"))
+    assert prior.kind == "class" and prior.scheduler.config.prediction_type == "v_prediction"
+    assert prior.scaling_factor == pytest.approx(record["scaling_factor"])
+    assert all(p.dtype == torch.float32 for m in prior.modules().values() for p in m.parameters())
+    # round trip: save_pretrained again, load again, same weights
+    prior.save_pretrained(tmp_path / "q")
+    a, b = states(tmp_path / "p"), states(tmp_path / "q")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # images through the regeneration pipeline: decode-only, img2img and pure sampling
+    data = tiny_data(6)
+    items = {"class_ids": data.labels, "pixels": data.images}
+    for strength, its, guidance in [(0.0, items, 1.0), (0.5, items, 2.0), (1.0, {"class_ids": data.labels}, 2.0)]:
+        out = img2img(prior, its, 3, 16, strength, 4, guidance, seed=1, micro_batch=4)(list(range(6)), 0)
+        assert out.shape == (6, 3, 16, 16) and torch.isfinite(out).all() and 0 <= out.min() <= out.max() <= 1
+
+
+def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
+    cfg = PriorConfig(image_size=16, **TINY)
+    quiet = dict(progress=False, log=lambda s: None)
+    train_prior(cfg, tiny_data(), tmp_path / "full", checkpoint_every=1, **quiet)
+    assert train_prior(cfg, tiny_data(), tmp_path / "cut", stop_after=3, **quiet) is None
+    assert (tmp_path / "cut.ckpt" / "state.json").exists() and not (tmp_path / "cut").exists()
+    meta = json.loads((tmp_path / "cut.ckpt" / "state.json").read_text())
+    assert (meta["state"]["stage"], meta["state"]["step"]) == ("unet", 1)
+    with pytest.raises(DDCodecError, match="--resume"):
+        train_prior(cfg, tiny_data(), tmp_path / "cut", **quiet)
+    with pytest.raises(DDCodecError, match="different settings"):
+        train_prior(PriorConfig(image_size=16, **{**TINY, "unet_lr": 1e-2}), tiny_data(), tmp_path / "cut", resume=True, **quiet)
+    train_prior(cfg, tiny_data(), tmp_path / "cut", resume=True, **quiet)
+    a, b = states(tmp_path / "full"), states(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+def test_cli_train_and_eval(tmp_path, cifar_folder):
+    if not R20.exists():
+        pytest.skip("shared teacher weights not found")
+    from ddcodec.cli import main
+    out = tmp_path / "prior"
+    args = ["prior", "train", "--data", str(cifar_folder), "--out", str(out), "--vae-channels", "16,32",
+            "--unet-channels", "32,32", "--unet-attention", "0,1", "--context-dim", "32", "--vae-steps", "2",
+            "--unet-steps", "1", "--batch-size", "4", "--unet-batch-size", "4", "--holdout", "10",
+            "--feature-net", "cifar10-resnet20", "--save-dtype", "float16"]
+    assert main(args) == 0
+    assert main(args) == 2, "refuses to overwrite without --overwrite"
+    assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] > 0
+    res = tmp_path / "eval.json"
+    assert main(["prior", "eval", str(out), "--data", str(cifar_folder), "--teacher", "cifar10-resnet20", "--limit", "10",
+                 "--steps", "2", "--samples-per-class", "1", "--json", str(res)]) == 0
+    r = json.loads(res.read_text())
+    assert r["n_images"] == 10 and 0 <= r["acc_samples"] <= 1 and r["vae_psnr_db"] > 0
+    assert main(["prior", "eval", str(out), "--data", str(cifar_folder), "--split", "holdout", "--teacher",
+                 "cifar10-resnet20", "--steps", "2", "--samples-per-class", "0"]) == 0
+
+
+def test_bad_config_is_a_one_line_error(tmp_path):
+    with pytest.raises(DDCodecError, match="divisible"):
+        train_prior(PriorConfig(image_size=30), tiny_data(), tmp_path / "x", progress=False)
+
+
+@pytest.mark.skipif(not (DEFAULT_PRIOR / "model_index.json").exists(), reason="default prior not shipped")
+def test_default_prior_loads_and_decodes():
+    prior = load_prior("builtin:default")
+    size = sum(f.stat().st_size for f in DEFAULT_PRIOR.rglob("*") if f.is_file())
+    assert size <= 20 * 1024 * 1024
+    assert all(p.dtype == torch.float32 for m in prior.modules().values() for p in m.parameters())
+    # a smooth image survives encode/decode; latents are 16x16x4 for 32 px
+    x = torch.nn.functional.interpolate(torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)),
+                                        size=(32, 32), mode="bilinear")
+    z = prior.encode(x)
+    assert z.shape == (2, 4, 16, 16)
+    assert psnr(prior.decode(z), x) > 25
