@@ -37,8 +37,14 @@ def human_bytes(n: float) -> str:
 # encode ------------------------------------------------------------------------------------
 def cmd_encode(args: argparse.Namespace) -> int:
     from .methods import method_module
+    from .parallel import barrier, init_from_env
+    rank, world = init_from_env()
     _check_out(args.out, args.overwrite)
+    barrier()  # every rank checks before rank 0 may write
     bundle = method_module(args.method).run(args)
+    barrier()
+    if rank != 0:
+        return 0
     total = sum(bundle.bytes_by_part().values())
     print(f"wrote {args.out}: {bundle.manifest['method']['name']}, {bundle.num_items} items, "
           f"{bundle.num_classes} classes, {human_bytes(total)}")
@@ -154,6 +160,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run = [
         (cmd_encode, ns(method=args.method, data=args.data, split="train", ipc=args.ipc, out=bundle_dir, seed=0,
                         generator=args.generator, image_size=None, overwrite=True, micro_batch=16,
+                        encode_batch_size=64,
                         **_method_defaults(args.method))),
         (cmd_inspect, ns(bundle=[bundle_dir], json=False)),
         (cmd_verify, ns(bundle=[bundle_dir], device="cpu", dtype=None, tolerance=None, allow_different_weights=False)),
@@ -197,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--generator", default="builtin:default", help="prior: builtin:default, builtin:tiny, a path or hub id")
     e.add_argument("--image-size", type=int, default=None, help="square output size (default: the data's)")
     e.add_argument("--micro-batch", type=int, default=16, help="fixed regeneration micro-batch (bitwise determinism on CPU)")
+    e.add_argument("--encode-batch-size", type=int, default=64,
+                   help="fixed VAE/teacher chunk size; chunks are split across torchrun ranks")
     e.add_argument("--overwrite", action="store_true")
     for name in sorted(METHODS):
         method_module(name).add_arguments(e.add_argument_group(f"{name} options"))

@@ -199,15 +199,21 @@ def bundle_record(bundle: Any) -> dict[str, Any]:
             "soft_label_bytes": soft_bytes, "bytes_by_part": s["bytes"]}
 
 
-def eval_bundle(bundle: Any, student: str, test_data: str, cfg: TrainConfig, seeds: list[int], test_split: str = "test",
+def eval_bundle(bundle: Any, student: str, test_data: str | None, cfg: TrainConfig, seeds: list[int], test_split: str = "test",
                 test_limit: int | None = None, cache_dir: str | None = None, memory_cache: bool = True,
                 command: str | None = None) -> dict[str, Any]:
-    """Train `student` on the regenerated bundle once per seed; report top-1 on the real test split."""
+    """Train `student` on the regenerated bundle once per seed; report top-1 on the real test split.
+
+    `test_data` defaults to the data source the bundle was encoded from (its `test_split`).
+    """
     from ..bundle import Bundle
     from ..loader import DistilledDataset
     b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     size = tuple(b.manifest["image"]["size"])
     soft, stored_t, teacher, labels = _label_setup(b, cfg)
+    test_data = test_data or b.manifest["method"]["params"].get("data")
+    if not test_data:
+        raise DDCodecError("the bundle does not record its data source", "pass --test-data")
     test_x, test_y, test_classes = load_split(test_data, test_split, test_limit, size)
     _check_classes(b.class_names, test_classes)
     ds = DistilledDataset(b, device=cfg.device, batch_size=cfg.batch_size, cache_dir=cache_dir,

@@ -14,6 +14,7 @@ METHODS: dict[str, str] = {
     "d4m": "ddcodec.methods.d4m",
     "dace": "ddcodec.methods.dace",
     "rded": "ddcodec.methods.rded",
+    "ld3m": "ddcodec.methods.ld3m",
 }
 
 

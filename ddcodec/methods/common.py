@@ -53,13 +53,24 @@ def load_images(source: Any, indices: Iterable[int], size: tuple[int, int]) -> t
 
 @torch.no_grad()
 def encode_latents(prior: LatentPrior, images: torch.Tensor, batch_size: int = 64, desc: str = "VAE-encoding") -> torch.Tensor:
-    """Scaled VAE latent means of images in [0,1], in batches with a progress bar."""
+    """Scaled VAE latent means of images in [0,1], in fixed padded chunks split across ranks.
+
+    Fixed chunk shapes make each latent independent of the rank split, so a parallel encode
+    produces the same bytes as a single-process one.
+    """
     from ..generators.pipelines import cpu_deterministic
-    out = []
-    with cpu_deterministic(next(prior.vae.parameters()).device):
-        for s in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-            out.append(prior.encode(images[s:s + batch_size]).float().cpu())
-    return torch.cat(out)
+    from ..parallel import map_chunks
+    n = len(images)
+
+    def chunk(k: int) -> torch.Tensor:
+        x = images[k * batch_size:(k + 1) * batch_size]
+        if len(x) < batch_size:
+            x = torch.cat([x, x[-1:].expand(batch_size - len(x), *x.shape[1:])])
+        with cpu_deterministic(next(prior.vae.parameters()).device):
+            return prior.encode(x.contiguous()).float()
+
+    out = map_chunks(chunk, -(-n // batch_size), desc=desc)
+    return torch.cat(out)[:n]
 
 
 def generator_record(prior: LatentPrior, pipeline: str, params: dict[str, Any], dtype: str = "float32",

@@ -1,0 +1,387 @@
+"""LD3M (Moser et al., TMLR): learn latent codes Z (initialised from VAE encodings of real images) and conditioning
+codes c (initialised from the class embedding) through the whole T-step reverse process of eq. 12, with a DM or DC
+loss on the decoded images. The bundle stores Z and c (fp16, optimised through that rounding), T, the scheduler and
+the seeds; `ddcodec.generators.ld3m` regenerates exactly the images that were optimised.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..bundle import Bundle, derive_seed, new_manifest, write_bundle
+from ..bundle.fingerprint import reference_ids
+from ..data import load_source, readable_names
+from ..errors import DDCodecError
+from ..eval.augment import normalize
+from ..eval.students import ConvNet, convnet_depth
+from ..generators.ld3m import LD3MPipeline, round_to
+from ..generators.pipelines import build_pipeline, cpu_deterministic
+from ..generators.prior import LatentPrior, load_prior
+from ..labels import softlabels
+from .checkpoint import WorkDir
+from .common import (check_class_sizes, class_indices, default_prompts, encode_latents, generator_record, image_size,
+                     load_images, option, pick_random, seeded_subset, work_params)
+from .matching import (DSA_STRATEGY, Augmentation, dc_class_loss, dc_loops, dm_class_loss, parse_strategy,
+                       train_network)
+
+CODE_DTYPE = torch.float16  # stored precision of Z and c; the optimisation sees exactly these values
+DEFAULTS: dict[str, Any] = {
+    "ld3m_loss": "dm",
+    "lr": {"dm": 1e-2, "dc": 1e-3},           # paper A.3, for Z and c alike
+    "optimizer": "sgd", "momentum": 0.5,      # paper Table 8 (GLaD's SGD with momentum 0.5)
+    "batch_real": 256,                        # paper Table 8
+    "eta": 1.0,                               # eq. 12 draws sigma_t * eps_t at every step
+    "guidance_scale": 3.0,                    # paper A.3
+    "dsa_strategy": DSA_STRATEGY,             # paper Table 8
+    "checkpoint_every": 50,
+    "variants": 1,                            # one seeded noise draw: the consumer sees exactly the optimised set
+    "lr_net": 0.01, "batch_train": 256,       # DC inner loop (DC defaults)
+}
+
+
+def default_steps(size: tuple[int, int]) -> int:
+    """T = 10 up to 128 px, 20 above (paper Sec. 4.1)."""
+    return 10 if max(size) <= 128 else 20
+
+
+def default_iterations(size: tuple[int, int]) -> int:
+    """5,000 iterations up to 128 px, 10,000 above (paper Table 8)."""
+    return 5000 if max(size) <= 128 else 10000
+
+
+def add_arguments(group: Any) -> None:
+    """LD3M options (default None: the method's defaults apply)."""
+    group.add_argument("--ld3m-loss", choices=("dm", "dc"), default=None,
+                       help="ld3m: distillation loss, distribution (dm, default) or gradient matching (dc)")
+    group.add_argument("--iterations", type=int, default=None, help="ld3m: optimisation steps (default 5000; 10000 above 128 px)")
+    group.add_argument("--lr-z", type=float, default=None, help="ld3m: learning rate of the latent codes Z (dm 1e-2, dc 1e-3)")
+    group.add_argument("--lr-c", type=float, default=None, help="ld3m: learning rate of the conditioning codes c (dm 1e-2, dc 1e-3)")
+    group.add_argument("--ld3m-optimizer", choices=("sgd", "adam"), default=None,
+                       help="ld3m: sgd with momentum 0.5 (default, as the paper) or adam")
+    group.add_argument("--steps", type=int, default=None,
+                       help="scheduler steps (d4m 25, dace 5, ld3m T: 10 up to 128 px, 20 above)")
+    group.add_argument("--guidance-scale", type=float, default=None,
+                       help="classifier-free guidance (d4m: 8 for text priors, 4 for class priors; dace 1; ld3m 3)")
+    group.add_argument("--eta", type=float, default=None, help="ld3m: DDIM eta, the share of sigma_t noise drawn (default 1)")
+    group.add_argument("--batch-real", type=int, default=None, help="ld3m: real images per class per iteration (default 256)")
+    group.add_argument("--dsa-strategy", default=None, help=f"ld3m: DSA augmentations, or none (default {DSA_STRATEGY})")
+    group.add_argument("--checkpoint-every", type=int, default=None, help="ld3m: save resumable state every N iterations (default 50)")
+    group.add_argument("--candidates", type=int, default=None,
+                       help="real images per class considered (d4m, ld3m: all; dace/rded: 300)")
+    softlabels.add_arguments(group)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that determines the optimisation."""
+
+    loss: str
+    iterations: int
+    lr_z: float
+    lr_c: float
+    optimizer: str
+    momentum: float
+    batch_real: int
+    dsa: str
+    checkpoint_every: int
+    variants: int
+    outer_loop: int = 1
+    inner_loop: int = 0
+    lr_net: float = DEFAULTS["lr_net"]
+    batch_train: int = DEFAULTS["batch_train"]
+
+    def record(self) -> dict[str, Any]:
+        rec = {"loss": self.loss, "iterations": self.iterations, "lr_z": self.lr_z, "lr_c": self.lr_c,
+               "optimizer": self.optimizer, "momentum": self.momentum if self.optimizer == "sgd" else None,
+               "batch_real": self.batch_real, "dsa": self.dsa, "joint_classes": True}
+        if self.loss == "dc":
+            rec.update(outer_loop=self.outer_loop, inner_loop=self.inner_loop, lr_net=self.lr_net, batch_train=self.batch_train)
+        return rec
+
+
+def seeded_convnet(seed: int, num_classes: int, size: tuple[int, int], device: torch.device) -> ConvNet:
+    """A ConvNet-D (width 128, instance norm, avg-pool) with seeded initial weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ConvNet(3, num_classes, 128, convnet_depth(min(size)), im_size=size)
+    return net.to(device)
+
+
+class Distiller:
+    """Holds Z and c (fp32 masters, seen through fp16 rounding), the optimiser and the matching network."""
+
+    def __init__(self, pipe: LD3MPipeline, z0: torch.Tensor, c0: torch.Tensor, real: list[torch.Tensor],
+                 cfg: Config, seed: int) -> None:
+        self.pipe, self.cfg, self.seed = pipe, cfg, seed
+        self.device = pipe.device
+        self.z = z0.detach().float().clone().to(self.device).requires_grad_(True)
+        self.c = c0.detach().float().clone().to(self.device).requires_grad_(True)
+        self.class_ids = pipe.items["class_ids"].to(self.device)
+        self.ids = list(range(len(self.z)))
+        self.num_classes = len(real)
+        self.members = [torch.nonzero(self.class_ids == k).flatten() for k in range(self.num_classes)]
+        self.real = real
+        self.ops = parse_strategy(cfg.dsa)
+        groups = [{"params": [self.z], "lr": cfg.lr_z}, {"params": [self.c], "lr": cfg.lr_c}]
+        self.opt = (torch.optim.SGD(groups, lr=cfg.lr_z, momentum=cfg.momentum) if cfg.optimizer == "sgd"
+                    else torch.optim.Adam(groups, lr=cfg.lr_z))
+        self.net: ConvNet | None = None
+        self.iteration = 0
+        self.losses: list[float] = []
+        self.seconds: list[float] = []
+        self.probe_start: float | None = None
+
+    # the generator, through the stored precision ------------------------------------------------
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Z, c) exactly as they will be stored, differentiable (straight-through rounding)."""
+        return round_to(self.z, CODE_DTYPE), round_to(self.c, CODE_DTYPE)
+
+    def render(self, variant: int, ids: list[int] | None = None, grad: bool = True) -> torch.Tensor:
+        """Images of items `ids` (all by default) at `variant`, by the optimisation's own path."""
+        ids = self.ids if ids is None else ids
+        z, c = self.codes()
+        rows = torch.tensor(ids, device=self.device)
+        return self.pipe.forward_batched(z[rows], c[rows], ids, variant, grad=grad)
+
+    # the objective ------------------------------------------------------------------------------
+    def network(self, it: int, fresh: bool = False) -> ConvNet:
+        """DM: a new random ConvNet every iteration. DC: re-initialised every outer_loop iterations."""
+        size = self.pipe.image_size
+        if self.cfg.loss == "dm":
+            return seeded_convnet(derive_seed(self.seed, it, 0, "ld3m-net"), self.num_classes, size, self.device).requires_grad_(False)
+        if fresh:
+            return seeded_convnet(derive_seed(self.seed, it, 0, "ld3m-net"), self.num_classes, size, self.device)
+        if self.net is None or it % self.cfg.outer_loop == 0:
+            start = it - it % self.cfg.outer_loop
+            self.net = seeded_convnet(derive_seed(self.seed, start, 0, "ld3m-net"), self.num_classes, size, self.device)
+        return self.net
+
+    def objective(self, net: ConvNet, images: torch.Tensor, it: int) -> torch.Tensor:
+        """Sum over classes of the DM or DC loss against a seeded real batch, with a shared DSA draw per class."""
+        loss = images.new_zeros(())
+        for k in range(self.num_classes):
+            g = torch.Generator().manual_seed(derive_seed(self.seed, it, k, "ld3m-batch"))
+            pool = self.real[k]
+            real = pool[torch.randperm(len(pool), generator=g)[:self.cfg.batch_real]].to(self.device).float() / 255
+            aug = Augmentation.sample(self.ops, g, self.pipe.image_size)
+            r, s = aug(normalize(real)), aug(normalize(images[self.members[k]]))
+            loss = loss + (dm_class_loss(net, r, s) if self.cfg.loss == "dm" else dc_class_loss(net, r, s, k))
+        return loss
+
+    def step(self) -> float:
+        """One optimisation step on Z and c (all classes jointly, as the paper); returns the loss."""
+        it, t0 = self.iteration, time.perf_counter()
+        with cpu_deterministic(self.device):
+            net = self.network(it)
+            images = self.render(it % self.cfg.variants)
+            loss = self.objective(net, images, it)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            if self.cfg.loss == "dc" and (it + 1) % self.cfg.outer_loop and self.cfg.inner_loop:
+                g = torch.Generator().manual_seed(derive_seed(self.seed, it, 0, "ld3m-inner"))
+                train_network(net, normalize(images.detach()), self.class_ids, self.cfg.inner_loop, self.cfg.lr_net,
+                              self.cfg.batch_train, self.ops, g)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.iteration += 1
+        self.losses.append(float(loss))
+        self.seconds.append(time.perf_counter() - t0)
+        return self.losses[-1]
+
+    def probe(self) -> float:
+        """The loss of the current codes under iteration 0's fresh network, batches and augmentation (a fixed yardstick)."""
+        with cpu_deterministic(self.device):
+            images = self.render(0, grad=False)
+            with torch.enable_grad():
+                return float(self.objective(self.network(0, fresh=True), images, 0))
+
+    # resumable state ----------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every tensor needed to continue exactly: codes, optimiser, DC network, history."""
+        out = {"z": self.z, "c": self.c, "iteration": torch.tensor([self.iteration]),
+               "losses": torch.tensor(self.losses, dtype=torch.float64),
+               "seconds": torch.tensor(self.seconds, dtype=torch.float64),
+               "probe_start": torch.tensor([self.probe_start if self.probe_start is not None else float("nan")])}
+        for i, p in enumerate((self.z, self.c)):
+            for key, v in self.opt.state.get(p, {}).items():
+                out[f"opt.{i}.{key}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        if self.net is not None:
+            out.update({f"net.{k}": v for k, v in self.net.state_dict().items()})
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from state()."""
+        with torch.no_grad():
+            self.z.copy_(state["z"])
+            self.c.copy_(state["c"])
+        self.iteration = int(state["iteration"][0])
+        self.losses, self.seconds = state["losses"].tolist(), state["seconds"].tolist()
+        probe = float(state["probe_start"][0])
+        self.probe_start = None if probe != probe else probe
+        params = (self.z, self.c)
+        for key, v in state.items():
+            if key.startswith("opt."):
+                _, i, name = key.split(".", 2)
+                self.opt.state[params[int(i)]][name] = v if name == "step" else v.to(self.device)
+        net = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+        self.net = None
+        if net and self.cfg.loss == "dc" and self.iteration % self.cfg.outer_loop:
+            self.net = seeded_convnet(0, self.num_classes, self.pipe.image_size, self.device)
+            self.net.load_state_dict(net)
+
+    def run(self, work: WorkDir, label: str = "ld3m") -> None:
+        """Optimise to cfg.iterations, saving state every checkpoint_every iterations; resumes from `work`."""
+        saved = work.get("ld3m-state")
+        if saved is not None:
+            self.load_state(saved)
+        if self.probe_start is None:
+            self.probe_start = self.probe()
+        every = max(1, self.cfg.checkpoint_every)
+        with tqdm(total=self.cfg.iterations, initial=self.iteration, desc=label, unit="it") as bar:
+            while self.iteration < self.cfg.iterations:
+                loss = self.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4g}", step_s=f"{self.seconds[-1]:.2f}")
+                if self.iteration % every == 0 or self.iteration == self.cfg.iterations:
+                    work.put("ld3m-state", self.state())
+
+
+def config_from_args(args: Any, ipc: int, size: tuple[int, int], variants: int) -> Config:
+    """The optimisation settings from parsed args and the paper's defaults; one-line errors."""
+    loss = option(args, "ld3m_loss", DEFAULTS["ld3m_loss"])
+    if loss not in ("dm", "dc"):
+        raise DDCodecError(f"unknown --ld3m-loss {loss!r}", "use dm or dc")
+    lr = DEFAULTS["lr"][loss]
+    outer, inner = dc_loops(ipc) if loss == "dc" else (1, 0)
+    cfg = Config(loss=loss, iterations=int(option(args, "iterations", default_iterations(size))),
+                 lr_z=float(option(args, "lr_z", lr)), lr_c=float(option(args, "lr_c", lr)),
+                 optimizer=option(args, "ld3m_optimizer", DEFAULTS["optimizer"]), momentum=DEFAULTS["momentum"],
+                 batch_real=int(option(args, "batch_real", DEFAULTS["batch_real"])),
+                 dsa=str(option(args, "dsa_strategy", DEFAULTS["dsa_strategy"])),
+                 checkpoint_every=int(option(args, "checkpoint_every", DEFAULTS["checkpoint_every"])),
+                 variants=variants, outer_loop=outer, inner_loop=inner)
+    if cfg.iterations < 0:
+        raise DDCodecError(f"--iterations must be 0 or more, not {cfg.iterations}")
+    if not (cfg.lr_z >= 0 and cfg.lr_c >= 0):
+        raise DDCodecError(f"--lr-z and --lr-c must be 0 or more, not {cfg.lr_z} and {cfg.lr_c}")
+    if cfg.batch_real < 1:
+        raise DDCodecError(f"--batch-real must be at least 1, not {cfg.batch_real}")
+    if cfg.checkpoint_every < 1:
+        raise DDCodecError(f"--checkpoint-every must be at least 1, not {cfg.checkpoint_every}")
+    parse_strategy(cfg.dsa)
+    return cfg
+
+
+def generation_params(args: Any, prior: LatentPrior, size: tuple[int, int]) -> dict[str, Any]:
+    """The bundle's generator params (T, eta, guidance), checked against the prior's scheduler."""
+    if prior.kind not in ("class", "text") or prior.scheduler is None:
+        raise DDCodecError(f"ld3m needs a diffusion prior, and {prior.source} has none", "pass --generator builtin:default or a model")
+    steps = int(option(args, "steps", default_steps(size)))
+    num_train = int(prior.scheduler.config.num_train_timesteps)
+    if not 1 <= steps <= num_train:
+        raise DDCodecError(f"--steps (T) must be between 1 and {num_train}, not {steps}", "the paper uses 10 at 128 px and 20 at 256 px")
+    eta = float(option(args, "eta", DEFAULTS["eta"]))
+    guidance = float(option(args, "guidance_scale", DEFAULTS["guidance_scale"]))
+    if not 0 <= eta <= 1:
+        raise DDCodecError(f"--eta must be in [0, 1], not {eta}")
+    if guidance < 0:
+        raise DDCodecError(f"--guidance-scale must be 0 or more, not {guidance}")
+    return {"steps": steps, "eta": eta, "guidance_scale": guidance, "residual": "x0", "code_dtype": "float16"}
+
+
+def load_pools(source: Any, per_class: list[list[int]], candidates: int | None, seed: int, size: tuple[int, int],
+               names: list[str]) -> list[torch.Tensor]:
+    """Each class's real images (uint8 at the bundle size): all of them, or `candidates` seeded ones."""
+    pools = []
+    for k in tqdm(range(len(per_class)), desc="ld3m real images", unit="class", leave=False):
+        idx = seeded_subset(per_class[k], candidates, derive_seed(seed, k, 0, "candidates"))
+        images, _ = load_images(source, idx, size)
+        pools.append((images * 255).round().to(torch.uint8))
+    return pools
+
+
+def regeneration_check(distiller: Distiller, manifest: dict[str, Any], items: dict[str, torch.Tensor],
+                       prior: LatentPrior, count: int = 4) -> dict[str, Any]:
+    """Max |optimised - regenerated| over the fingerprint items: the optimisation path against the bundle's pipeline."""
+    pipe = build_pipeline(manifest, items, device=distiller.device, dtype=torch.float32, prior=prior)
+    pairs = reference_ids(len(distiller.ids), manifest["variants"], count)
+    worst = 0.0
+    for v in sorted({v for _, v in pairs}):
+        ids = [i for i, vv in pairs if vv == v]
+        with torch.enable_grad(), cpu_deterministic(distiller.device):
+            optimised = distiller.render(v, ids, grad=True).detach()
+        worst = max(worst, float((optimised - pipe(ids, v)).abs().max()))
+    return {"pairs": len(pairs), "max_abs_diff": worst}
+
+
+def encode(args: Any) -> tuple[Bundle, Distiller]:
+    """Distil, write the bundle, and return it with the distiller (for inspection and tests)."""
+    ipc, seed = int(args.ipc), int(args.seed)
+    if ipc < 1:
+        raise DDCodecError(f"--ipc must be at least 1, not {ipc}")
+    source = load_source(args.data, args.split)
+    raw = list(source.classes)
+    names = readable_names(raw)
+    per_class = class_indices(source)
+    check_class_sizes(per_class, ipc, names, f"--ipc {ipc}", "lower --ipc")
+    candidates = option(args, "candidates", None)
+    if candidates is not None and candidates < 1:
+        raise DDCodecError(f"--candidates must be at least 1, not {candidates}")
+    labels = softlabels.label_options(args, DEFAULTS["variants"], kind="hard")
+    if labels.kind != "hard":
+        labels = replace(labels, teacher=softlabels.resolve_teacher(labels.teacher, raw))
+    device = torch.device(option(args, "device", "cpu"))
+    size = image_size(source, per_class[0], args.image_size)
+    cfg = config_from_args(args, ipc, size, labels.variants)
+    prior = load_prior(args.generator, num_classes=len(names))
+    gen_params = generation_params(args, prior, size)
+    teacher = softlabels.open_teacher(labels.teacher, device) if labels.kind == "soft" else None
+    params: dict[str, Any] = {"ipc": ipc, "data": str(args.data), "split": args.split, "candidates": candidates,
+                              **cfg.record(), **labels.record()}
+    work = WorkDir(args.out, work_params(args, prior, **params, **gen_params, device=str(device)))
+    prior.to(device)
+
+    picked = pick_random(per_class, ipc, seed, names)
+    init = work.get("ld3m-init")
+    if init is None:
+        images, class_ids = load_images(source, picked, size)
+        init = {"z": encode_latents(prior, images, desc="ld3m: VAE-encoding the initial images"), "class_ids": class_ids}
+        work.put("ld3m-init", init)
+    class_ids = init["class_ids"]
+    record = generator_record(prior, "ld3m", gen_params, micro_batch=args.micro_batch)
+    pipe = LD3MPipeline(prior, record, {"class_ids": class_ids, "latents": init["z"]}, default_prompts(names), seed, size,
+                        device=device, dtype=torch.float32)
+    c0 = pipe.condition(list(range(len(class_ids))))["encoder_hidden_states"].detach().float()
+    pools = load_pools(source, per_class, candidates, seed, size, names)
+    distiller = Distiller(pipe, init["z"], c0, pools, cfg, seed)
+    distiller.run(work, label=f"ld3m {cfg.loss}")
+
+    z, c = (t.detach().to(CODE_DTYPE).cpu() for t in distiller.codes())
+    timed = distiller.seconds[1:] or distiller.seconds  # the first step includes warm-up
+    params.update(source_indices=picked, step_seconds_mean=round(sum(timed) / max(len(timed), 1), 4),
+                  step_device=str(device), loss_first=distiller.losses[0] if distiller.losses else None,
+                  loss_last=distiller.losses[-1] if distiller.losses else None,
+                  probe_loss_start=distiller.probe_start, probe_loss_end=distiller.probe())
+    manifest = new_manifest(method="ld3m", params=params, seed=seed, class_names=names, prompts=default_prompts(names),
+                            image_size=size, variants=labels.variants, generator=record)
+    payloads = {"items": {"class_ids": class_ids, "latents": z.contiguous(), "cond": c.contiguous()}}
+    params["regeneration_check"] = regeneration_check(distiller, manifest, payloads["items"], prior)
+    manifest["method"]["params"] = params
+    print(f"ld3m: {distiller.iteration} iterations, mean distillation step {params['step_seconds_mean']:.3f} s on {device} "
+          f"({len(z)} codes, T={gen_params['steps']}, {cfg.loss}); optimised vs regenerated max |diff| "
+          f"{params['regeneration_check']['max_abs_diff']:.3g}")
+    manifest, payloads = softlabels.attach_labels(manifest, payloads, labels, teacher, prior, work, device)
+    bundle = write_bundle(args.out, manifest, payloads, overwrite=args.overwrite, prior=prior)
+    work.done()
+    return bundle, distiller
+
+
+def run(args: Any) -> Bundle:
+    """`ddcodec encode --method ld3m`."""
+    return encode(args)[0]
