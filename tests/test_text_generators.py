@@ -14,7 +14,7 @@ from ddcodec.bundle.manifest import derive_seed
 from ddcodec.errors import GeneratorError
 from ddcodec.generators import load_prior
 from ddcodec.generators.pipelines import PIPELINES, cpu_deterministic
-from ddcodec.generators.text import TextConditioner, build_text_prior
+from ddcodec.generators.text import TextConditioner, build_text_prior, stock_pipeline
 from ddcodec.generators.text_configs import (byte_level_clip_tokenizer, sd15_config, sd_turbo_config,
                                              sdxl_turbo_config)
 
@@ -34,16 +34,6 @@ def saved(priors, tmp_path_factory):
         out[name] = tmp_path_factory.mktemp(name.split(":")[1])
         prior.save_pretrained(out[name])
     return out
-
-
-def diffusers_pipeline(prior, cls_sd: type, cls_xl: type):
-    """A stock diffusers pipeline sharing the prior's very modules."""
-    c: TextConditioner = prior.conditioner
-    if c.text_time:
-        return cls_xl(vae=prior.vae, unet=prior.unet, scheduler=prior.scheduler, text_encoder=c.encoders[0],
-                      text_encoder_2=c.encoders[1], tokenizer=c.tokenizers[0], tokenizer_2=c.tokenizers[1])
-    return cls_sd(vae=prior.vae, unet=prior.unet, scheduler=prior.scheduler, text_encoder=c.encoders[0],
-                  tokenizer=c.tokenizers[0], safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def test_offline_clip_tokenizer():
@@ -79,7 +69,7 @@ def no_onednn():
 def test_sd_conditioner_matches_diffusers_encode_prompt(priors, no_onednn):
     prior = priors[SD]
     c = prior.conditioner
-    pipe = diffusers_pipeline(prior, StableDiffusionPipeline, StableDiffusionXLPipeline)
+    pipe = stock_pipeline(prior, img2img=False)
     for prompt in PROMPTS[:2]:
         pos, neg = pipe.encode_prompt([prompt], "cpu", 1, True)
         assert torch.equal(c.condition(torch.tensor([0]), [prompt])["encoder_hidden_states"], pos)
@@ -102,7 +92,7 @@ def test_cached_embeddings_do_not_depend_on_the_callers_onednn_setting():
 def test_sdxl_conditioner_matches_diffusers_encode_prompt(priors, no_onednn):
     prior = priors[SDXL]
     c = prior.conditioner
-    pipe = diffusers_pipeline(prior, StableDiffusionPipeline, StableDiffusionXLPipeline)
+    pipe = stock_pipeline(prior, img2img=False)
     pos, neg, pooled, neg_pooled = pipe.encode_prompt([PROMPTS[0]], device="cpu", do_classifier_free_guidance=True)
     kw = c.condition(torch.tensor([0]), [PROMPTS[0]], image_size=(48, 32))
     assert torch.equal(kw["encoder_hidden_states"], pos) and pos.shape == (1, 77, 64)
@@ -164,7 +154,7 @@ def regenerate(prior, guidance: float, micro_batch: int, seed: int = 7, variant:
     extra = {"negative_prompt": "blurry"} if guidance > 1 else {}
     spec = {"params": {**params, **extra}, "scheduler": prior.scheduler_spec(), "dtype": "float32"}
     ours = PIPELINES["img2img"](prior, spec, items, PROMPTS, seed, (16, 16), micro_batch=micro_batch)([0, 1], variant)
-    ref = diffusers_pipeline(prior, StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline)
+    ref = stock_pipeline(prior)
     ref.set_progress_bar_config(disable=True)
     theirs = []
     with cpu_deterministic("cpu"):  # as the ddcodec pipeline runs on CPU

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -13,7 +14,7 @@ import torch
 
 from ..errors import BundleError
 from .atomic import atomic_write_json
-from .manifest import FORMAT, SEED_DERIVATION, VERSION, parse_manifest, validate
+from .manifest import FORMAT, MAX_MANIFEST_BYTES, SEED_DERIVATION, VERSION, parse_manifest, validate
 from .payload import decode_payload, write_payload
 
 MANIFEST = "manifest.json"
@@ -63,7 +64,7 @@ class Bundle:
         mpath = root / MANIFEST
         if not mpath.is_file():
             raise BundleError(f"{root} has no {MANIFEST}", "this is not a bundle directory, or its encode did not finish")
-        manifest = parse_manifest(mpath.read_bytes(), str(mpath))
+        manifest = parse_manifest(read_at_most(mpath, MAX_MANIFEST_BYTES), str(mpath))
         payloads = {}
         for name, info in manifest["payloads"].items():
             file = root / info["file"]
@@ -73,7 +74,8 @@ class Bundle:
             if size != info["bytes"]:
                 raise BundleError(f"{file} is {size} bytes but the manifest says {info['bytes']} (truncated or replaced)",
                                   "download the bundle again")
-            payloads[name] = decode_payload(file.read_bytes(), info, str(file))
+            payloads[name] = decode_payload(read_at_most(file, info["bytes"]), info, str(file))
+        check_items(manifest, payloads, str(root))
         return cls(manifest, payloads, root=root)
 
     # views --------------------------------------------------------------------------------
@@ -115,6 +117,29 @@ class Bundle:
     def digest(self) -> str:
         """A short id of this bundle's content (manifest and payloads)."""
         return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_at_most(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file, reading no more than `limit` + 1; FIFOs and devices are refused, never waited on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise BundleError(f"cannot read {path} ({e.strerror or type(e).__name__})", "download the bundle again") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BundleError(f"{path} is not a regular file", "download the bundle again")
+        try:
+            return f.read(limit + 1)
+        except OSError as e:
+            raise BundleError(f"cannot read {path} ({e.strerror or type(e).__name__})", "download the bundle again") from None
+
+
+def check_items(manifest: dict[str, Any], payloads: dict[str, dict[str, torch.Tensor]], where: str) -> None:
+    """Refuse item tensors whose values the loader would index with: class ids outside the class list."""
+    ids = payloads[manifest["items"]["payload"]]["class_ids"]
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < len(manifest["classes"]["names"]):
+        raise BundleError(f"{where}: class ids must lie in 0..{len(manifest['classes']['names']) - 1}, "
+                          f"found {int(ids.min())}..{int(ids.max())}", "re-encode or download the bundle again")
 
 
 def new_manifest(*, method: str, params: dict[str, Any], seed: int, class_names: list[str], prompts: list[str],

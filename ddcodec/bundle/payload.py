@@ -67,17 +67,14 @@ def decode_payload(data: bytes, info: dict[str, Any], where: str) -> dict[str, t
     if sha256_bytes(data) != info["sha256"]:
         raise BundleError(f"{where} fails its sha256 check (corrupted or tampered)", "download the bundle again")
     expected = sum(_nbytes(spec) for spec in info["tensors"].values())
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=min(info["raw_bytes"], MAX_RAW_BYTES))
-    except zstandard.ZstdError as e:
-        raise BundleError(f"{where} is not valid zstd data ({e})", "download the bundle again") from None
+    raw = decompress_bounded(data, min(info["raw_bytes"], MAX_RAW_BYTES), where)
     if len(raw) != info["raw_bytes"] or len(raw) < expected:
         raise BundleError(f"{where} decompresses to {len(raw)} bytes, not the declared {info['raw_bytes']}",
                           "download the bundle again")
     try:
         tensors = safetensors.torch.load(raw)
     except Exception as e:  # safetensors raises several types for malformed headers
-        raise BundleError(f"{where} is not a valid safetensors payload ({str(e).splitlines()[0]})",
+        raise BundleError(f"{where} is not a valid safetensors payload ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
                           "download the bundle again") from None
     if sorted(tensors) != sorted(info["tensors"]):
         raise BundleError(f"{where} holds tensors {sorted(tensors)}, the manifest declares {sorted(info['tensors'])}",
@@ -87,6 +84,36 @@ def decode_payload(data: bytes, info: dict[str, Any], where: str) -> dict[str, t
             raise BundleError(f"{where}: tensor '{key}' is {tensor_spec(tensors[key])}, the manifest says {spec}",
                               "download the bundle again")
     return tensors
+
+
+def decompress_bounded(data: bytes, limit: int, where: str) -> bytes:
+    """Decompress zstd `data`, never holding more than `limit` + 1 MiB of output, whatever the frame headers claim.
+
+    zstandard's one-shot decompress() trusts a frame's declared content size over max_output_size, so the
+    frames are streamed in 1 MiB reads instead; all frames are read, so trailing frames count too.
+    """
+    try:
+        declared = zstandard.get_frame_parameters(data).content_size
+        if declared != zstandard.CONTENTSIZE_UNKNOWN and declared != limit:
+            raise BundleError(f"{where} declares {declared} decompressed bytes, not the {limit} of the manifest",
+                              "download the bundle again")
+        chunks, total = [], 0
+        with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True) as reader:
+            while True:
+                chunk = reader.read(min(_CHUNK, limit + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > limit:
+                    raise BundleError(f"{where} decompresses to more than the declared {limit} bytes",
+                                      "download the bundle again")
+    except zstandard.ZstdError as e:
+        raise BundleError(f"{where} is not valid zstd data ({e})", "download the bundle again") from None
+    return b"".join(chunks)
+
+
+_CHUNK = 1 << 20
 
 
 def _nbytes(spec: dict[str, Any]) -> int:

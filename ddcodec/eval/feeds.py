@@ -66,6 +66,9 @@ class BundleFeed:
         self.cache: dict[int, torch.Tensor] = {}
         self.regen_s = 0.0
         self.regenerated = 0
+        t0 = time.perf_counter()
+        _ = dataset.pipeline  # build (load the generator) now, so regeneration times exclude it
+        self.setup_s = time.perf_counter() - t0
 
     @property
     def num_items(self) -> int:

@@ -229,6 +229,7 @@ def eval_bundle(bundle: Any, student: str, test_data: str | None, cfg: TrainConf
     return {"kind": "bundle", "command": command, "student": student, "bundle": bundle_record(b), "labels": labels,
             "train": cfg.record() | {"augment": cfg.augment or default_mode(min(size)), "steps_per_epoch": len(ds),
                                      "memory_cache": memory_cache, "cache_dir": cache_dir},
+            "generator_setup_s": feed.setup_s,
             "test": {"data": test_data, "split": test_split, "images": len(test_y), "limit": test_limit},
             "seeds": list(seeds), **summarise(runs), "wall_s": time.perf_counter() - t0, "environment": environment(cfg)}
 

@@ -140,6 +140,10 @@ class LD3MPipeline(RegenerationPipeline):
         return self._predict(latents, t, cond, uncond)
 
     def _predict(self, latents: torch.Tensor, t: int, cond: dict[str, Any], uncond: dict[str, Any] | None) -> torch.Tensor:
+        with cpu_deterministic(self.device):  # also when checkpointing recomputes it inside backward()
+            return self._predict_eps(latents, t, cond, uncond)
+
+    def _predict_eps(self, latents: torch.Tensor, t: int, cond: dict[str, Any], uncond: dict[str, Any] | None) -> torch.Tensor:
         x = latents.to(self.dtype)
         tt = torch.tensor(t, device=self.device)
         if uncond is None:
@@ -160,6 +164,10 @@ class LD3MPipeline(RegenerationPipeline):
 
     def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
         """Differentiable VAE decode to [0,1] at the bundle's image size (same ops as LatentPrior.decode)."""
+        with cpu_deterministic(self.device):
+            return self._decode(latents)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.prior.vae
         x = vae.decode((latents / self.prior.scaling_factor).contiguous()).sample
         x = ((x.float() + 1) / 2).clamp(0, 1)

@@ -244,3 +244,17 @@ register_builtin("builtin:tiny-sdxl-turbo", tiny_sdxl_turbo_prior)
 register_builtin("builtin:random-sd-turbo", _builtin(text_configs.sd_turbo_config, "builtin:random-sd-turbo"))
 register_builtin("builtin:random-sdxl-turbo", _builtin(text_configs.sdxl_turbo_config, "builtin:random-sdxl-turbo"))
 register_builtin("builtin:random-sd15", _builtin(text_configs.sd15_config, "builtin:random-sd15"))
+
+
+def stock_pipeline(prior: LatentPrior, img2img: bool = True) -> Any:
+    """A stock diffusers (img2img) pipeline sharing the prior's very modules: the naive baseline."""
+    from diffusers import (StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline)
+    c = prior.conditioner
+    if c.text_time:
+        cls = StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline
+        return cls(vae=prior.vae, unet=prior.unet, scheduler=prior.scheduler, text_encoder=c.encoders[0],
+                   text_encoder_2=c.encoders[1], tokenizer=c.tokenizers[0], tokenizer_2=c.tokenizers[1])
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    return cls(vae=prior.vae, unet=prior.unet, scheduler=prior.scheduler, text_encoder=c.encoders[0],
+               tokenizer=c.tokenizers[0], safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..bundle import Bundle
 from ..errors import DDCodecError
@@ -128,28 +127,28 @@ def attach_labels(manifest: dict[str, Any], payloads: dict[str, dict[str, torch.
         manifest["labels"] = hard_record(opts)
         return manifest, payloads
     from ..generators.pipelines import build_pipeline
+    from ..methods.common import map_units
     bundle = Bundle(manifest, payloads)
     pipe = build_pipeline(bundle.manifest, bundle.items, device=device, prior=prior)
-    n, v = int(bundle.items["class_ids"].shape[0]), bundle.variants
-    chunk = max(pipe.micro_batch, (opts.batch // pipe.micro_batch) * pipe.micro_batch)
-    starts = list(range(0, n, chunk))
-    _, codec = encode_soft_labels(torch.zeros(1, v, bundle.num_classes), opts.k, opts.quant, opts.temperature)
-    per_variant: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(v)]
-    with tqdm(total=n * v, desc="soft labels", unit="img") as bar:
-        for variant in range(v):
-            for s in starts:
-                name = f"labels-v{variant}-i{s}"
-                ids = list(range(s, min(s + chunk, n)))
-                unit = work.get(name) if work is not None else None
-                if unit is None:
-                    probs = regenerate_probs(pipe, teacher, ids, variant, opts.temperature)
-                    unit, _ = encode_soft_labels(probs[:, None], opts.k, opts.quant, opts.temperature)
-                    if work is not None:
-                        work.put(name, unit)
-                per_variant[variant].append(unit)
-                bar.update(len(ids))
-    labels = {key: torch.cat([torch.cat([u[key] for u in units]) for units in per_variant], dim=1).contiguous()
-              for key in ("topk_index", "topk_value")}
+    n, v, c = int(bundle.items["class_ids"].shape[0]), bundle.variants, bundle.num_classes
+    mb = pipe.micro_batch
+    chunk = min(max(mb, opts.batch // mb * mb), -(-n // mb) * mb)
+    units = [(variant, s) for variant in range(v) for s in range(0, n, chunk)]
+    probe, codec = encode_soft_labels(torch.zeros(chunk, v, c), opts.k, opts.quant, opts.temperature)
+    spec = {key: ((chunk, 1, t.shape[-1]), t.dtype) for key, t in probe.items()}
+
+    def compute(k: int) -> dict[str, torch.Tensor]:
+        variant, s = units[k]
+        ids = [min(i, n - 1) for i in range(s, s + chunk)]  # the last chunk repeats its last item
+        probs = regenerate_probs(pipe, teacher, ids, variant, opts.temperature)
+        return encode_soft_labels(probs[:, None], opts.k, opts.quant, opts.temperature)[0]
+
+    done = map_units(work, [f"labels-v{variant}-i{s}" for variant, s in units], compute, spec,
+                     desc=f"soft labels ({n} items x {v} variants)")
+    labels = {}
+    for key in spec:
+        rows = [torch.cat([u[key] for (variant, _), u in zip(units, done) if variant == j])[:n] for j in range(v)]
+        labels[key] = torch.cat(rows, dim=1).contiguous()
     manifest["labels"] = {"kind": "soft", "payload": "labels", "codec": codec,
                           "teacher": {"name": opts.teacher, "temperature": opts.temperature,
                                       "input_size": getattr(teacher, "image_size", None)}}

@@ -6,7 +6,6 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..errors import DDCodecError
 from ..generators.prior import LatentPrior
@@ -131,3 +130,57 @@ def batched(seq: list[int], size: int) -> Iterable[list[int]]:
     """Consecutive chunks of `seq` of at most `size`."""
     for s in range(0, len(seq), size):
         yield seq[s:s + size]
+
+
+UnitSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def pack_unit(unit: dict[str, torch.Tensor], spec: UnitSpec) -> torch.Tensor:
+    """A unit's tensors as one flat uint8 tensor, keys in sorted order (so ranks can all-gather it)."""
+    parts = []
+    for key in sorted(spec):
+        shape, dtype = spec[key]
+        t = unit[key].to(dtype).contiguous()
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"unit tensor {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        parts.append(t.reshape(-1).view(torch.uint8))
+    return torch.cat(parts)
+
+
+def unpack_unit(flat: torch.Tensor, spec: UnitSpec) -> dict[str, torch.Tensor]:
+    """The inverse of pack_unit."""
+    out, offset = {}, 0
+    for key in sorted(spec):
+        shape, dtype = spec[key]
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        out[key] = flat[offset:offset + n].clone().view(dtype).reshape(shape)
+        offset += n
+    return out
+
+
+def map_units(work: Any, names: list[str], compute: Any, spec: UnitSpec | Any, desc: str) -> list[dict[str, torch.Tensor]]:
+    """Resumable work units, split across torchrun ranks: unit k is read from `work` or computed and saved by
+    the rank that owns it; every rank gets every unit. `spec` (or spec(k)) gives each unit's shapes and dtypes."""
+    from ..parallel import map_chunks
+    spec_of = spec if callable(spec) else (lambda k: spec)
+
+    def one(k: int) -> torch.Tensor:
+        unit = work.get(names[k]) if work is not None else None
+        if unit is None:
+            unit = compute(k)
+            if work is not None:
+                work.put(names[k], unit)
+        return pack_unit(unit, spec_of(k))
+
+    return [unpack_unit(flat, spec_of(k)) for k, flat in enumerate(map_chunks(one, len(names), desc=desc))]
+
+
+def encode_device(args: Any) -> torch.device:
+    """--device (default cpu); a bare 'cuda' means this rank's GPU under torchrun."""
+    import os
+    name = option(args, "device", "cpu")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return torch.device(name)

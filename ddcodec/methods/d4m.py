@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.cluster import MiniBatchKMeans
-from tqdm import tqdm
 
 from ..bundle import Bundle, derive_seed, new_manifest, write_bundle
 from ..data import load_source, readable_names
@@ -18,8 +17,9 @@ from ..errors import DDCodecError
 from ..generators.prior import LatentPrior, load_prior
 from ..labels import softlabels
 from .checkpoint import WorkDir
-from .common import (batched, check_class_sizes, class_indices, default_prompts, generator_record, image_size,
-                     load_images, option, seeded_subset, work_params)
+from ..parallel import is_main
+from .common import (batched, check_class_sizes, class_indices, default_prompts, encode_device, encode_latents,
+                     generator_record, image_size, load_images, map_units, option, seeded_subset, work_params)
 
 DEFAULTS: dict[str, Any] = {
     "strength": 0.7,                               # official code
@@ -57,16 +57,13 @@ def kmeans_prototypes(latents: torch.Tensor, k: int, seed: int, batch_size: int)
 
 
 def class_latents(prior: LatentPrior, source: Any, indices: list[int], size: tuple[int, int], label: str,
-                  batch: int = 64) -> torch.Tensor:
-    """VAE latent means of one class's images, loaded and encoded in fixed batches."""
-    out = []
-    for chunk in tqdm(list(batched(indices, batch)), desc=f"VAE-encoding {label}", unit="batch", leave=False):
-        images, _ = load_images(source, chunk, size)
-        out.append(prior.encode(images).float().cpu())
-    return torch.cat(out)
+                  load: int = 1024) -> torch.Tensor:
+    """VAE latent means of one class's images: loaded `load` at a time, encoded by encode_latents' fixed chunks."""
+    return torch.cat([encode_latents(prior, load_images(source, chunk, size)[0], desc=f"VAE-encoding {label}")
+                      for chunk in batched(indices, load)])
 
 
-def run(args: Any) -> Bundle:
+def run(args: Any) -> Bundle | None:
     """`ddcodec encode --method d4m`."""
     ipc, seed = int(args.ipc), int(args.seed)
     if ipc < 1:
@@ -82,7 +79,7 @@ def run(args: Any) -> Bundle:
     labels = softlabels.label_options(args, DEFAULTS["variants"])
     if labels.kind != "hard":
         labels = replace(labels, teacher=softlabels.resolve_teacher(labels.teacher, raw))
-    device = torch.device(option(args, "device", "cpu"))
+    device = encode_device(args)
     teacher = softlabels.open_teacher(labels.teacher, device) if labels.kind == "soft" else None
     prior = load_prior(args.generator, num_classes=len(names))
     size = image_size(source, per_class[0], args.image_size)
@@ -98,17 +95,17 @@ def run(args: Any) -> Bundle:
               **labels.record()}
     work = WorkDir(args.out, work_params(args, prior, **params, **gen_params, device=str(device)))
     prior.to(device)
-    centres, sizes = [], []
-    for c in tqdm(range(len(per_class)), desc="d4m k-means", unit="class"):
-        unit = work.get(f"kmeans-c{c}")
-        if unit is None:
-            idx = seeded_subset(per_class[c], candidates, derive_seed(seed, c, 0, "candidates"))
-            z = class_latents(prior, source, idx, size, names[c])
-            proto, count = kmeans_prototypes(z, ipc, derive_seed(seed, c, 0, "kmeans"), km_batch)
-            unit = {"prototypes": proto, "sizes": count}
-            work.put(f"kmeans-c{c}", unit)
-        centres.append(unit["prototypes"])
-        sizes.append(unit["sizes"])
+    latent_shape = tuple(encode_latents(prior, torch.zeros(1, 3, *size)).shape[1:])
+
+    def cluster(c: int) -> dict[str, torch.Tensor]:
+        idx = seeded_subset(per_class[c], candidates, derive_seed(seed, c, 0, "candidates"))
+        proto, count = kmeans_prototypes(class_latents(prior, source, idx, size, names[c]), ipc,
+                                         derive_seed(seed, c, 0, "kmeans"), km_batch)
+        return {"prototypes": proto, "sizes": count}
+
+    spec = {"prototypes": ((ipc, *latent_shape), torch.float32), "sizes": ((ipc,), torch.int64)}
+    units = map_units(work, [f"kmeans-c{c}" for c in range(len(per_class))], cluster, spec, desc="d4m k-means (classes)")
+    centres, sizes = [u["prototypes"] for u in units], [u["sizes"] for u in units]
     params["cluster_sizes"] = torch.cat(sizes).tolist()
     manifest = new_manifest(method="d4m", params=params, seed=seed, class_names=names, prompts=default_prompts(names),
                             image_size=size, variants=labels.variants,
@@ -116,6 +113,8 @@ def run(args: Any) -> Bundle:
     payloads = {"items": {"class_ids": torch.arange(len(names)).repeat_interleave(ipc),
                           "latents": torch.cat(centres).to(torch.float16)}}
     manifest, payloads = softlabels.attach_labels(manifest, payloads, labels, teacher, prior, work, device)
+    if not is_main():
+        return None
     bundle = write_bundle(args.out, manifest, payloads, overwrite=args.overwrite, prior=prior)
     work.done()
     return bundle

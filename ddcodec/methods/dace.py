@@ -14,8 +14,10 @@ from ..data import load_source, readable_names
 from ..errors import DDCodecError
 from ..generators.prior import load_prior
 from ..labels import softlabels
+from ..parallel import is_main
 from .checkpoint import WorkDir
-from .common import check_class_sizes, class_indices, default_prompts, generator_record, image_size, option, work_params
+from .common import (check_class_sizes, class_indices, default_prompts, encode_device, generator_record, image_size,
+                     option, work_params)
 from .patch_selection import SelectionConfig, select_patches
 
 DEFAULTS: dict[str, Any] = {
@@ -97,12 +99,12 @@ def prepare(args: Any, variants: int) -> PatchJob:
         raise DDCodecError(f"--factor {cfg.factor} leaves no pixels of a {size[0]}x{size[1]} image")
     labels = softlabels.label_options(args, variants)
     labels = replace(labels, teacher=softlabels.resolve_teacher(labels.teacher, raw))
-    device = torch.device(option(args, "device", "cpu"))
+    device = encode_device(args)
     teacher = softlabels.open_teacher(labels.teacher, device)
     return PatchJob(source, raw, names, per_class, cfg, keep, size, labels, teacher, device)
 
 
-def run(args: Any) -> Bundle:
+def run(args: Any) -> Bundle | None:
     """`ddcodec encode --method dace`."""
     job = prepare(args, DEFAULTS["variants"])
     prior = load_prior(args.generator, num_classes=len(job.names))
@@ -125,6 +127,8 @@ def run(args: Any) -> Bundle:
     payloads = {"items": {"class_ids": torch.arange(len(job.names)).repeat_interleave(job.keep),
                           "pixels": torch.cat([u["pixels"] for u in units]).contiguous()}}
     manifest, payloads = softlabels.attach_labels(manifest, payloads, job.labels, job.teacher, prior, work, job.device)
+    if not is_main():
+        return None
     bundle = write_bundle(args.out, manifest, payloads, overwrite=args.overwrite, prior=prior)
     work.done()
     return bundle

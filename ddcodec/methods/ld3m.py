@@ -20,7 +20,7 @@ from ..errors import DDCodecError
 from ..eval.augment import normalize
 from ..eval.students import ConvNet, convnet_depth
 from ..generators.ld3m import LD3MPipeline, round_to
-from ..generators.pipelines import build_pipeline, cpu_deterministic
+from ..generators.pipelines import build_pipeline
 from ..generators.prior import LatentPrior, load_prior
 from ..labels import softlabels
 from .checkpoint import WorkDir
@@ -176,30 +176,28 @@ class Distiller:
     def step(self) -> float:
         """One optimisation step on Z and c (all classes jointly, as the paper); returns the loss."""
         it, t0 = self.iteration, time.perf_counter()
-        with cpu_deterministic(self.device):
-            net = self.network(it)
-            images = self.render(it % self.cfg.variants)
-            loss = self.objective(net, images, it)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            if self.cfg.loss == "dc" and (it + 1) % self.cfg.outer_loop and self.cfg.inner_loop:
-                g = torch.Generator().manual_seed(derive_seed(self.seed, it, 0, "ld3m-inner"))
-                train_network(net, normalize(images.detach()), self.class_ids, self.cfg.inner_loop, self.cfg.lr_net,
-                              self.cfg.batch_train, self.ops, g)
+        net = self.network(it)
+        images = self.render(it % self.cfg.variants)  # the generator runs oneDNN-free (bitwise); the ConvNet need not
+        loss = self.objective(net, images, it)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.cfg.loss == "dc" and (it + 1) % self.cfg.outer_loop and self.cfg.inner_loop:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, it, 0, "ld3m-inner"))
+            train_network(net, normalize(images.detach()), self.class_ids, self.cfg.inner_loop, self.cfg.lr_net,
+                          self.cfg.batch_train, self.ops, g)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.iteration += 1
-        self.losses.append(float(loss))
+        self.losses.append(float(loss.detach()))
         self.seconds.append(time.perf_counter() - t0)
         return self.losses[-1]
 
     def probe(self) -> float:
         """The loss of the current codes under iteration 0's fresh network, batches and augmentation (a fixed yardstick)."""
-        with cpu_deterministic(self.device):
-            images = self.render(0, grad=False)
-            with torch.enable_grad():
-                return float(self.objective(self.network(0, fresh=True), images, 0))
+        images = self.render(0, grad=False)
+        with torch.enable_grad():
+            return float(self.objective(self.network(0, fresh=True), images, 0).detach())
 
     # resumable state ----------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
@@ -295,6 +293,12 @@ def generation_params(args: Any, prior: LatentPrior, size: tuple[int, int]) -> d
     return {"steps": steps, "eta": eta, "guidance_scale": guidance, "residual": "x0", "code_dtype": "float16"}
 
 
+def balanced_micro_batch(n: int, limit: int) -> int:
+    """The smallest micro-batch that keeps ceil(n / limit) batches: same number of denoiser calls, least padding."""
+    limit = max(1, int(limit))
+    return -(-n // -(-n // limit))
+
+
 def load_pools(source: Any, per_class: list[list[int]], candidates: int | None, seed: int, size: tuple[int, int],
                names: list[str]) -> list[torch.Tensor]:
     """Each class's real images (uint8 at the bundle size): all of them, or `candidates` seeded ones."""
@@ -314,7 +318,7 @@ def regeneration_check(distiller: Distiller, manifest: dict[str, Any], items: di
     worst = 0.0
     for v in sorted({v for _, v in pairs}):
         ids = [i for i, vv in pairs if vv == v]
-        with torch.enable_grad(), cpu_deterministic(distiller.device):
+        with torch.enable_grad():
             optimised = distiller.render(v, ids, grad=True).detach()
         worst = max(worst, float((optimised - pipe(ids, v)).abs().max()))
     return {"pairs": len(pairs), "max_abs_diff": worst}
@@ -354,7 +358,7 @@ def encode(args: Any) -> tuple[Bundle, Distiller]:
         init = {"z": encode_latents(prior, images, desc="ld3m: VAE-encoding the initial images"), "class_ids": class_ids}
         work.put("ld3m-init", init)
     class_ids = init["class_ids"]
-    record = generator_record(prior, "ld3m", gen_params, micro_batch=args.micro_batch)
+    record = generator_record(prior, "ld3m", gen_params, micro_batch=balanced_micro_batch(len(class_ids), args.micro_batch))
     pipe = LD3MPipeline(prior, record, {"class_ids": class_ids, "latents": init["z"]}, default_prompts(names), seed, size,
                         device=device, dtype=torch.float32)
     c0 = pipe.condition(list(range(len(class_ids))))["encoder_hidden_states"].detach().float()

@@ -10,11 +10,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..bundle.manifest import derive_seed
 from .checkpoint import WorkDir
-from .common import batched, load_images, seeded_subset
+from .common import batched, load_images, map_units, seeded_subset
 
 RATIO = (3 / 4, 4 / 3)
 
@@ -110,15 +109,13 @@ def select_class(source: Any, indices: list[int], label: int, keep: int, size: t
 
 def select_patches(source: Any, per_class: list[list[int]], keep: int, size: tuple[int, int], teacher: Any,
                    seed: int, cfg: SelectionConfig, work: WorkDir, device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """select_class for every class, each saved as a resumable unit `patches-c{c}`."""
-    out = []
-    for c in tqdm(range(len(per_class)), desc="selecting patches", unit="class"):
-        unit = work.get(f"patches-c{c}")
-        if unit is None:
-            unit = select_class(source, per_class[c], c, keep, size, teacher, seed, cfg, device)
-            work.put(f"patches-c{c}", unit)
-        out.append(unit)
-    return out
+    """select_class for every class, each a resumable unit `patches-c{c}` (classes split across torchrun ranks)."""
+    h, w = size[0] // cfg.factor, size[1] // cfg.factor
+    spec = {"pixels": ((keep, 3, h, w), torch.uint8), "loss": ((keep,), torch.float32),
+            "source_index": ((keep,), torch.int64), "box": ((keep, 4), torch.int64)}
+    return map_units(work, [f"patches-c{c}" for c in range(len(per_class))],
+                     lambda c: select_class(source, per_class[c], c, keep, size, teacher, seed, cfg, device), spec,
+                     desc="selecting patches (classes)")
 
 
 def stitch(patches: torch.Tensor, factor: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 from ..bundle import Bundle, new_manifest, write_bundle
 from ..generators.dace import null_generator_record
 from ..labels import softlabels
+from ..parallel import is_main
 from .checkpoint import WorkDir
 from .common import default_prompts, work_params
 from .dace import add_selection_arguments, prepare
@@ -25,7 +26,7 @@ def add_arguments(group: Any) -> None:
     softlabels.add_arguments(group)
 
 
-def run(args: Any) -> Bundle:
+def run(args: Any) -> Bundle | None:
     """`ddcodec encode --method rded`."""
     job = prepare(args, VARIANTS)
     params = job.params(args)
@@ -39,6 +40,8 @@ def run(args: Any) -> Bundle:
     payloads = {"items": {"class_ids": torch.arange(len(job.names)).repeat_interleave(int(args.ipc)),
                           "pixels": pixels.contiguous()}}
     manifest, payloads = softlabels.attach_labels(manifest, payloads, job.labels, job.teacher, None, work, job.device)
+    if not is_main():
+        return None
     bundle = write_bundle(args.out, manifest, payloads, overwrite=args.overwrite)
     work.done()
     return bundle

@@ -6,12 +6,14 @@ import copy
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +41,8 @@ class RunState:
     log: list[dict[str, Any]] = field(default_factory=list)
 
 
-# settings a resumed run may change: the learning-rate schedules stretch to the new step counts
-RESUMABLE = ("vae_steps", "unet_steps", "batch_size", "unet_batch_size")
+# settings a resumed run may change: step counts (the learning-rate schedules stretch), batch sizes, loss weights
+RESUMABLE = ("vae_steps", "unet_steps", "batch_size", "unet_batch_size", "feature_weight", "logit_weight")
 
 
 class Stop(Exception):
@@ -75,7 +77,7 @@ class Trainer:
 
     def __init__(self, cfg: PriorConfig, data: ImageSet, out: Path, checkpoint_dir: Path,
                  checkpoint_every: int = 500, stop_after: int | None = None, progress: bool = True,
-                 save_dtype: torch.dtype = torch.float32, log: Callable[[str], None] = print) -> None:
+                 save_dtype: torch.dtype = torch.float32, log: Callable[[str], None] = lambda s: print(s, flush=True)) -> None:
         self.cfg, self.data, self.out, self.ckpt = cfg, data, out, checkpoint_dir
         self.checkpoint_every, self.stop_after, self.progress = checkpoint_every, stop_after, progress
         self.save_dtype, self.say = save_dtype, log
@@ -91,6 +93,7 @@ class Trainer:
         self.state = RunState()
         self.features: FeatureLoss | None = load_feature_net(cfg.feature_net) if cfg.feature_net else None
         self.steps_this_run = 0
+        self.interrupted = False
         self.latents: torch.Tensor | None = None
 
     # checkpoints ------------------------------------------------------------------------
@@ -136,10 +139,10 @@ class Trainer:
         """Checkpoint every `checkpoint_every` steps, at the end of a stage, and when --stop-after is reached."""
         self.state.step += 1
         self.steps_this_run += 1
-        stop = self.stop_after is not None and self.steps_this_run >= self.stop_after
+        stop = self.interrupted or (self.stop_after is not None and self.steps_this_run >= self.stop_after)
         if stop or self.state.step % self.checkpoint_every == 0 or self.state.step == total:
             self.save()
-        if stop and self.state.step < total:
+        if stop and (self.state.step < total or self.interrupted):
             raise Stop
 
     # stage 1: the VAE --------------------------------------------------------------------
@@ -343,7 +346,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def train_prior(cfg: PriorConfig, data: ImageSet, out: str | os.PathLike, checkpoint_dir: str | os.PathLike | None = None,
                 resume: bool = False, checkpoint_every: int = 500, stop_after: int | None = None,
                 progress: bool = True, save_dtype: torch.dtype = torch.float32,
-                log: Callable[[str], None] = print) -> dict[str, Any] | None:
+                log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict[str, Any] | None:
     """Train (or continue) a prior into `out`; returns its training record, or None when stopped by `stop_after`."""
     cfg.check()
     out = Path(out)
@@ -353,8 +356,30 @@ def train_prior(cfg: PriorConfig, data: ImageSet, out: str | os.PathLike, checkp
     trainer = Trainer(cfg, data, out, ckpt, checkpoint_every, stop_after, progress, save_dtype, log)
     if resume and find_checkpoint(ckpt) is not None:
         trainer.restore()
+    with checkpoint_on_signal(trainer):
+        try:
+            return trainer.run()
+        except Stop:
+            log(f"stopped after {trainer.steps_this_run} step(s); checkpoint in {ckpt}; continue with --resume")
+            return None
+
+
+@contextmanager
+def checkpoint_on_signal(trainer: Trainer) -> Iterator[None]:
+    """Ctrl-C or SIGTERM: finish the current step, checkpoint, and stop (a second Ctrl-C aborts at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+        trainer.interrupted = True
+        trainer.say("interrupted: checkpointing after this step (Ctrl-C again to abort)")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return trainer.run()
-    except Stop:
-        log(f"stopped after {trainer.steps_this_run} step(s); checkpoint in {ckpt}; continue with --resume")
-        return None
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

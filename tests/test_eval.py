@@ -1,0 +1,120 @@
+"""Evaluation harness: students, augmentation, soft-label loss, `ddcodec eval` / `eval-real` / `export-ddranking`."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from ddcodec.errors import DDCodecError
+from ddcodec.eval.augment import augment, crop_flip
+from ddcodec.eval.students import STUDENTS, build_student
+from ddcodec.eval.train import TrainConfig, eval_bundle, soft_loss
+
+REPORT_KEYS = {"kind", "command", "student", "labels", "train", "test", "seeds", "accuracy", "mean", "std",
+               "train_s", "eval_s", "regen_s", "regenerated_images", "regen_images_per_s", "student_s",
+               "trained_images", "student_images_per_s", "per_seed", "environment"}
+
+
+@pytest.mark.parametrize("name,size", [(n, 32) for n in STUDENTS if n not in ("convnet4", "convnet5")]
+                         + [("resnet18", 64), ("convnet4", 64), ("vit-tiny", 64)])
+def test_student_forward(name, size):
+    torch.manual_seed(0)
+    net = build_student(name, 10, size).eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, 3, size, size))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_student_names():
+    assert build_student("convnet", 10, 64).classifier.in_features == 128 * 4 * 4  # depth 4 at 64 px
+    assert isinstance(build_student("resnet18-in", 10, 32).stem[1], torch.nn.GroupNorm)
+    assert isinstance(build_student("resnet18", 10, 64).stem[3], torch.nn.MaxPool2d)  # ImageNet stem from 64 px
+    with pytest.raises(DDCodecError):
+        build_student("resnet50", 10, 32)
+
+
+def test_augment_seeded_and_exact():
+    x = torch.rand(8, 3, 32, 32)
+    a = augment(x, torch.Generator().manual_seed(1), "crop")
+    b = augment(x, torch.Generator().manual_seed(1), "crop")
+    assert torch.equal(a, b) and a.shape == x.shape
+    same = crop_flip(x, torch.Generator().manual_seed(0), pad=0)  # no padding: identity or mirror, pixel-exact
+    assert all(torch.equal(s, o) or torch.equal(s, o.flip(-1)) for s, o in zip(same, x))
+    r = augment(x, torch.Generator().manual_seed(2), "rrc")
+    assert r.shape == x.shape and torch.isfinite(r).all()
+
+
+def test_soft_loss():
+    p = torch.softmax(torch.randn(4, 10), -1)
+    assert soft_loss(p.log(), p, 1.0, 1.0).abs() < 1e-5  # the teacher's own logits cost nothing
+    assert soft_loss(p.log(), p, 4.0, 1.0).abs() < 1e-5  # re-tempered to T=4, the teacher's logits still match
+    assert soft_loss(p.log() * 2, p, 4.0, 1.0) > 1e-3
+
+
+def test_eval_cli_json(tiny_bundle, cifar_folder, tmp_path):
+    from ddcodec.cli import main
+    out = tmp_path / "r.json"
+    rc = main(["eval", str(tiny_bundle), "--student", "convnet3", "--test-data", str(cifar_folder), "--epochs", "1",
+               "--seeds", "1", "--batch-size", "20", "--json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert REPORT_KEYS <= set(r)
+    assert 0.0 <= r["accuracy"][0] <= 1.0 and r["mean"] == r["accuracy"][0]
+    assert r["bundle"]["bytes"] > 0 and r["bundle"]["soft_label_bytes"] == 0 and r["bundle"]["ipc"] == 4
+    assert r["test"]["images"] == 20 and r["trained_images"] == 40 and r["regenerated_images"] == 40
+    assert r["command"].startswith("ddcodec ")
+
+
+@pytest.fixture(scope="module")
+def soft_bundle(tiny_bundle, tmp_path_factory):
+    """One item per class of the tiny bundle, 2 variants, random top-3 soft labels stored at temperature 2."""
+    from ddcodec.bundle import Bundle, write_bundle
+    from ddcodec.labels.codec import encode_soft_labels
+    b = Bundle.open(tiny_bundle)
+    m = copy.deepcopy(b.manifest)
+    m["payloads"], m["variants"] = {}, 2
+    m.pop("fingerprints")
+    keep = torch.arange(0, b.num_items, 4)
+    probs = torch.softmax(torch.randn(len(keep), 2, 10, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    tensors, codec = encode_soft_labels(probs, k=3, temperature=2.0)
+    m["labels"] = {"kind": "soft", "payload": "labels", "codec": codec}
+    m["method"]["params"]["ipc"] = 1
+    out = tmp_path_factory.mktemp("bundles") / "soft"
+    return write_bundle(out, m, {"items": {k: v[keep] for k, v in b.items.items()}, "labels": tensors}, fingerprints=0)
+
+
+def test_eval_soft_labels_and_determinism(soft_bundle, tiny_bundle, cifar_folder):
+    r = eval_bundle(soft_bundle, "convnet3", str(cifar_folder), TrainConfig(epochs=2, batch_size=5), [3, 3])
+    assert r["labels"]["used"] == "soft (KL)" and r["labels"]["temperature"] == 2.0
+    assert r["bundle"]["soft_label_bytes"] > 0 and 0.0 <= r["mean"] <= 1.0
+    a, b = r["per_seed"]  # the same seed twice: bitwise the same training on CPU
+    assert a["accuracy"] == b["accuracy"] and a["final_loss"] == b["final_loss"]
+    assert r["regenerated_images"] == 20  # 2 variants x 10 items, regenerated once and shared by both seeds
+    with pytest.raises(DDCodecError):
+        eval_bundle(tiny_bundle, "convnet3", str(cifar_folder), TrainConfig(epochs=1, labels="soft"), [0])
+
+
+def test_eval_real_subset(cifar_folder, tmp_path):
+    from ddcodec.cli import main
+    out = tmp_path / "real.json"
+    assert main(["eval-real", "--data", str(cifar_folder), "--ipc", "2", "--student", "convnet3", "--epochs", "1",
+                 "--seeds", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["kind"] == "real-subset" and r["data"]["images"] == 20 and 0.0 <= r["mean"] <= 1.0
+
+
+def test_export_ddranking(soft_bundle, tmp_path):
+    from safetensors.torch import load_file
+    from ddcodec.eval.ddranking import export_ddranking
+    index = export_ddranking(soft_bundle, tmp_path / "dd", epochs=3)
+    assert [e["variant"] for e in index["epochs"]] == [0, 1, 0] and index["ipc"] == 1
+    d = load_file(str(tmp_path / "dd" / "variant_001.safetensors"))
+    assert d["images"].shape == (10, 3, 32, 32) and d["soft_labels"].shape == (10, 10)
+    assert torch.equal(d["hard_labels"], torch.arange(10))  # class-major, as DD-Ranking assumes
+    assert torch.allclose(torch.softmax(d["soft_labels"], -1), d["soft_probs"], atol=1e-5)
+    assert (tmp_path / "dd" / "README.md").is_file()
+    with pytest.raises(DDCodecError):
+        export_ddranking(soft_bundle, tmp_path / "dd", epochs=1)
