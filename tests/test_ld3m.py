@@ -4,6 +4,7 @@ the optimised images are exactly the regenerated ones, an interrupted encode res
 from __future__ import annotations
 
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -38,12 +39,27 @@ def encode(data, out, extra: list[str]):
 
 
 @pytest.fixture(scope="module")
-def data(cifar_folder, tmp_path_factory) -> Path:
-    """The first 4 classes of the real CIFAR-10 folder (6 train images each): 4 codes per bundle keep this fast."""
+def data(tmp_path_factory, request) -> Path:
+    """6 real train images of each of 4 CIFAR-10 classes: from the shipped sample (else the shared dataset's folder).
+
+    4 codes per bundle keep the tiny prior's reverse process fast on a shared 2-core CPU.
+    """
+    from ddcodec.data.sources import SAMPLES
     root = tmp_path_factory.mktemp("cifar4")
-    for split in ("train", "test"):
-        for cls in sorted(p.name for p in (cifar_folder / split).iterdir())[:4]:
-            shutil.copytree(cifar_folder / split / cls, root / split / cls)
+    sample = SAMPLES / "cifar10.tar"
+    if not sample.exists():
+        folder = request.getfixturevalue("cifar_folder")
+        for cls in sorted(p.name for p in (folder / "train").iterdir())[:4]:
+            shutil.copytree(folder / "train" / cls, root / "train" / cls)
+        return root
+    with tarfile.open(sample) as tar:
+        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.startswith("train/")), key=lambda m: m.name)
+        classes = sorted({m.name.split("/")[1] for m in members})[:4]
+        for cls in classes:
+            for m in [m for m in members if m.name.split("/")[1] == cls][:6]:
+                dest = root / m.name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(tar.extractfile(m).read())
     return root
 
 

@@ -126,8 +126,11 @@ def read_at_most(path: Path, limit: int) -> bytes:
     except OSError as e:
         raise BundleError(f"cannot read {path} ({e.strerror or type(e).__name__})", "download the bundle again") from None
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise BundleError(f"{path} is not a regular file", "download the bundle again")
+        if st.st_size > limit:
+            raise BundleError(f"{path} is {st.st_size} bytes, over the {limit} byte limit", "this is not a ddcodec bundle")
         try:
             return f.read(limit + 1)
         except OSError as e:

@@ -34,8 +34,9 @@ def parse_manifest(data: bytes, where: str = "manifest.json") -> dict[str, Any]:
         raise BundleError(f"{where} is not UTF-8 text", "download the bundle again") from None
     try:
         manifest = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise BundleError(f"{where} is not valid JSON ({str(e).splitlines()[0][:80]})", "download the bundle again") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, or an integer literal past Python's digit limit
+        reason = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        raise BundleError(f"{where} is not valid JSON ({reason})", "download the bundle again") from None
     validate(manifest, where)
     return manifest
 
@@ -126,6 +127,8 @@ def validate(m: Any, where: str = "manifest.json") -> None:
         if lp not in payloads:
             raise _fail(where, f"labels.payload '{lp}' is not among the payloads")
         _get(labels, "codec", dict, where + " labels")
+    elif "codec" in labels:
+        _get(labels, "codec", dict, where + " labels")
     gen = _get(m, "generator", dict, where)
     _get(gen, "pipeline", str, where + " generator")
     model = _get(gen, "model", dict, where + " generator")
@@ -146,13 +149,20 @@ def validate(m: Any, where: str = "manifest.json") -> None:
             if not isinstance(e, dict) or not isinstance(e.get("item"), int) or not isinstance(e.get("variant"), int) \
                     or not isinstance(e.get("sha256"), str) or not 0 <= e["item"] < count:
                 raise _fail(where, "each fingerprint entry needs an in-range item, a variant and a sha256")
-        if fp.get("payload") is not None and fp["payload"] not in payloads:
-            raise _fail(where, f"fingerprints.payload '{fp['payload']}' is not among the payloads")
+        fpp = _get(fp, "payload", str, where + " fingerprints", optional=True)
+        if fpp is not None and (fpp not in payloads or "thumbnails" not in payloads[fpp]["tensors"]):
+            raise _fail(where, f"fingerprints.payload '{fpp}' is not among the payloads or has no thumbnails")
+        mb = _get(fp, "micro_batch", int, where + " fingerprints", optional=True)
+        if mb is not None and not 1 <= mb <= 4096:
+            raise _fail(where, "fingerprints.micro_batch must be in 1..4096")
+        tol = _get(fp, "tolerance", (int, float), where + " fingerprints", optional=True)
+        if tol is not None and not 0 <= tol <= 1:
+            raise _fail(where, "fingerprints.tolerance must be in [0, 1]")
 
 
 def _validate_payload(name: Any, info: Any, where: str) -> None:
     w = f"{where} payload '{name}'"
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise _fail(where, f"payload name {name!r} is not a plain name")
     if not isinstance(info, dict):
         raise _fail(w, "must be an object")
@@ -168,7 +178,8 @@ def _validate_payload(name: Any, info: Any, where: str) -> None:
     tensors = _get(info, "tensors", dict, w)
     total = 0
     for key, spec in tensors.items():
-        if not isinstance(spec, dict) or spec.get("dtype") not in DTYPES or not isinstance(spec.get("shape"), list):
+        if not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str) or spec["dtype"] not in DTYPES \
+                or not isinstance(spec.get("shape"), list):
             raise _fail(w, f"tensor {key!r} needs a known dtype and a shape list")
         if len(spec["shape"]) > 8 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 1 << 40 for d in spec["shape"]):
             raise _fail(w, f"tensor {key!r} has an invalid shape {spec['shape']}")

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import json
+import lzma
 import os
+import re
 import tarfile
+import zlib
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import braceexpand
 import safetensors.torch
@@ -16,11 +21,15 @@ import webdataset as wds
 
 from ..errors import BundleError
 from .atomic import atomic_write_bytes
-from .bundle import Bundle, content_sha256
+from .bundle import Bundle, check_items, content_sha256
 from .manifest import MAX_MANIFEST_BYTES, parse_manifest
+from .payload import DTYPES
 
 MANIFEST_KEY = "bundle"
 MAX_MEMBER_BYTES = 256 << 20
+MEMBER_SLACK = 4096        # tar header, a possible pax header and padding, per member
+HEAD_SLACK = 64 << 10      # end-of-archive blocks and tarfile's read-ahead, per shard
+_ITEM = re.compile(r"item-[0-9]{9,18}")
 
 
 def item_payload_names(manifest: dict) -> list[str]:
@@ -64,14 +73,80 @@ def expand_urls(urls: Iterable[str]) -> list[str]:
     return out
 
 
-def iter_members(url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular file in a tar at `url`; refuses links, devices and unsafe names."""
+class _Budget:
+    """Bytes all shards together may still deliver: a fixed allowance until the manifest, then what it declares."""
+
+    def __init__(self) -> None:
+        self.used = 0
+        self.limit = MAX_MANIFEST_BYTES + HEAD_SLACK
+
+    def allow(self, more: int) -> None:
+        self.limit = self.used + more
+
+
+class _Counted(io.RawIOBase):
+    """A read-only stream that charges every byte (after decompression) to a _Budget."""
+
+    def __init__(self, read: Callable[[int], bytes], budget: _Budget, url: str) -> None:
+        self._read, self.budget, self.url = read, budget, url
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._read(n if n is not None and n >= 0 else 1 << 20)
+        self.budget.used += len(data)
+        if self.budget.used > self.budget.limit:
+            raise BundleError(f"shard {self.url} holds more data than its manifest declares ({self.budget.limit} bytes)",
+                              "do not use this shard")
+        return data
+
+
+def _decompressed(stream: Any) -> Callable[[int], bytes]:
+    """A read function over `stream`, transparently decompressing gzip, bzip2 or xz."""
+    head = stream.read(6)
+    rest = _Prefixed(head, stream)
+    if head[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=rest, mode="rb").read
+    if head[:3] == b"BZh":
+        return bz2.BZ2File(rest, mode="rb").read
+    if head[:6] == b"\xfd7zXZ\x00":
+        return lzma.LZMAFile(rest, mode="rb").read
+    return rest.read
+
+
+class _Prefixed:
+    """`head` followed by the rest of `stream`."""
+
+    def __init__(self, head: bytes, stream: Any) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            if n is None or n < 0:
+                data, self.head = self.head + self.stream.read(), b""
+                return data
+            data, self.head = self.head[:n], self.head[n:]
+            return data
+        return self.stream.read(n)
+
+
+def iter_members(url: str, budget: _Budget | None = None,
+                 max_size: Callable[[str, int], int] | None = None) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file in a tar at `url`; refuses links, devices, unsafe names and oversize members.
+
+    Every byte read (after decompression) is charged to `budget`; `max_size(name, index)` gives the largest
+    size allowed for a member (or raises), checked before its data is read.
+    """
+    budget = budget or _Budget()
     try:
         stream = wds.gopen(url, "rb")
     except Exception as e:
         raise BundleError(f"cannot open shard {url} ({type(e).__name__}: {str(e)[:100]})", "check the shard URL") from None
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        counted = _Counted(_decompressed(stream), budget, url)
+        with tarfile.open(fileobj=counted, mode="r|") as tar:
+            index = 0
             for member in tar:
                 if member.isdir():
                     continue
@@ -80,16 +155,19 @@ def iter_members(url: str) -> Iterator[tuple[str, bytes]]:
                     raise BundleError(f"shard {url} holds a non-regular member {name!r} (link or device)", "do not use this shard")
                 if name.startswith("/") or ".." in Path(name).parts:
                     raise BundleError(f"shard {url} holds an unsafe member name {name!r}", "do not use this shard")
-                if member.size > MAX_MEMBER_BYTES:
-                    raise BundleError(f"shard {url} member {name!r} is {member.size} bytes, over the limit", "do not use this shard")
+                limit = max_size(name, index) if max_size else MAX_MEMBER_BYTES
+                if member.size > min(limit, MAX_MEMBER_BYTES):
+                    raise BundleError(f"shard {url} member {name!r} is {member.size} bytes, over its limit of "
+                                      f"{min(limit, MAX_MEMBER_BYTES)}", "do not use this shard")
                 f = tar.extractfile(member)
                 data = f.read() if f else b""
                 if len(data) != member.size:
                     raise BundleError(f"shard {url} is truncated inside {name!r}", "download the shard again")
+                index += 1
                 yield name, data
     except BundleError:
         raise
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as e:
         raise BundleError(f"shard {url} is not a readable tar ({type(e).__name__}: {str(e)[:80]})", "download the shard again") from None
     finally:
         try:
@@ -106,50 +184,101 @@ def _load_st(data: bytes, where: str) -> dict[str, torch.Tensor]:
                           "download the shard again") from None
 
 
+def _nbytes(spec: dict) -> int:
+    n = DTYPES[spec["dtype"]].itemsize
+    for d in spec["shape"]:
+        n *= d
+    return n
+
+
+def _st_overhead(keys: list[str]) -> int:
+    """A generous bound on a safetensors header for these tensor names."""
+    return 64 + sum(len(k) + 160 for k in keys)
+
+
+class _Layout:
+    """What the shards of one manifest may hold, member by member: the reader's size limits."""
+
+    def __init__(self, manifest: dict, manifest_bytes: bytes, shards: int) -> None:
+        self.manifest, self.manifest_bytes = manifest, manifest_bytes
+        self.n = manifest["items"]["count"]
+        self.split = item_payload_names(manifest)
+        self.whole = {name: info["raw_bytes"] for name, info in manifest["payloads"].items() if name not in self.split}
+        keys = [f"{name}/{k}" for name in self.split for k in manifest["payloads"][name]["tensors"]]
+        self.row_bytes = sum(_nbytes(spec) // max(1, spec["shape"][0]) for name in self.split
+                             for spec in manifest["payloads"][name]["tensors"].values()) + _st_overhead(keys)
+        per_shard = len(manifest_bytes) + sum(self.whole.values()) + (len(self.whole) + 1) * MEMBER_SLACK + HEAD_SLACK
+        self.total = shards * per_shard + self.n * (self.row_bytes + MEMBER_SLACK)
+
+    def max_size(self, name: str) -> int:
+        key, _, ext = name.partition(".")
+        if key == MANIFEST_KEY and ext == "manifest.json":
+            return len(self.manifest_bytes)
+        if key == MANIFEST_KEY and ext.endswith(".safetensors") and ext[: -len(".safetensors")] in self.whole:
+            return self.whole[ext[: -len(".safetensors")]] + MEMBER_SLACK
+        if _ITEM.fullmatch(key) and ext == "item.safetensors":
+            return self.row_bytes
+        raise BundleError(f"unexpected member {name!r} (not part of this bundle's shard layout)", "do not use this shard")
+
+
 def read_shards(urls: list[str]) -> Bundle:
-    """Reassemble a bundle from its shards and verify every payload's content hash against the manifest."""
+    """Reassemble a bundle from its shards and verify every payload's content hash against the manifest.
+
+    Each shard must start with the bundle manifest; after it, a shard may deliver only what the manifest
+    declares (its payload sizes plus per-member slack), so a hostile shard cannot make the reader allocate more.
+    """
     urls = expand_urls(urls)
     if not urls:
         raise BundleError("no shard URLs given", "pass shard paths or URLs, e.g. 'dir/shard-{000000..000003}.tar'")
-    manifest = None
-    manifest_bytes = None
+    budget = _Budget()
+    layout: _Layout | None = None
     whole: dict[str, dict[str, torch.Tensor]] = {}
     rows: dict[int, dict[str, torch.Tensor]] = {}
     for url in urls:
-        for name, data in iter_members(url):
+        def max_size(name: str, index: int, url: str = url) -> int:
+            if index == 0:
+                if name != f"{MANIFEST_KEY}.manifest.json":
+                    raise BundleError(f"shard {url} does not start with the bundle manifest (first member {name!r})",
+                                      "pass the shards written by 'ddcodec shard'")
+                return MAX_MANIFEST_BYTES if layout is None else len(layout.manifest_bytes)
+            assert layout is not None
+            try:
+                return layout.max_size(name)
+            except BundleError as e:
+                raise BundleError(f"shard {url}: {e}") from None
+
+        for name, data in iter_members(url, budget, max_size):
             key, _, ext = name.partition(".")
             where = f"shard {url} member {name}"
             if key == MANIFEST_KEY and ext == "manifest.json":
-                if len(data) > MAX_MANIFEST_BYTES:
-                    raise BundleError(f"{where} is too large", "do not use this shard")
-                if manifest_bytes is None:
-                    manifest_bytes, manifest = data, parse_manifest(data, where)
-                elif data != manifest_bytes:
+                if layout is None:
+                    layout = _Layout(parse_manifest(data, where), data, len(urls))
+                    budget.allow(layout.total)
+                elif data != layout.manifest_bytes:
                     raise BundleError(f"{where} differs from the first shard's manifest (shards of different bundles?)",
                                       "pass the shards of one bundle")
-            elif key == MANIFEST_KEY and ext.endswith(".safetensors"):
+            elif key == MANIFEST_KEY:
                 whole[ext[: -len(".safetensors")]] = _load_st(data, where)
-            elif key.startswith("item-") and ext == "item.safetensors":
-                try:
-                    i = int(key[5:])
-                except ValueError:
-                    raise BundleError(f"{where} has a malformed item key", "do not use this shard") from None
+            else:
+                i = int(key[5:])
+                if not 0 <= i < layout.n:
+                    raise BundleError(f"{where}: item {i} is outside 0..{layout.n - 1}", "do not use this shard")
                 if i in rows:
                     raise BundleError(f"item {i} appears twice (in {url})", "pass each shard once")
                 rows[i] = _load_st(data, where)
-    if manifest is None:
+    if layout is None:
         raise BundleError(f"no manifest found in {len(urls)} shard(s) starting {urls[0]}", "pass the shards written by 'ddcodec shard'")
-    n = manifest["items"]["count"]
+    manifest, n = layout.manifest, layout.n
     missing = [i for i in range(n) if i not in rows]
-    if missing or len(rows) != n:
+    if missing:
         raise BundleError(f"the shards hold {len(rows)} of {n} items (first missing: {missing[:3]})",
                           "pass all shards of the bundle")
     payloads = dict(whole)
-    for name in item_payload_names(manifest):
+    for name in layout.split:
         keys = manifest["payloads"][name]["tensors"]
         try:
             payloads[name] = {k: torch.cat([rows[i][f"{name}/{k}"] for i in range(n)]) for k in keys}
-        except (KeyError, RuntimeError):
+        except (KeyError, RuntimeError, TypeError):
             raise BundleError(f"item rows for payload '{name}' are missing or mis-shaped in the shards", "re-shard the bundle") from None
     for name, info in manifest["payloads"].items():
         if name not in payloads:
@@ -157,4 +286,5 @@ def read_shards(urls: list[str]) -> Bundle:
         if content_sha256(payloads[name]) != info.get("content_sha256"):
             raise BundleError(f"payload '{name}' reassembled from shards fails its content hash (corrupted shard)",
                               "download the shards again")
+    check_items(manifest, payloads, f"shards starting {urls[0]}")
     return Bundle(manifest, payloads, source=urls[0] if len(urls) == 1 else f"{urls[0]} (+{len(urls) - 1} shards)")

@@ -40,11 +40,22 @@ def image_sha256(image: torch.Tensor) -> str:
     return hashlib.sha256(image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
 
-def cpu_deterministic(device: torch.device | str) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def cpu_deterministic(device: torch.device | str):
     """On CPU, turn oneDNN off so results do not depend on the thread count; elsewhere a no-op."""
-    if torch.device(device).type == "cpu":
-        return torch.backends.mkldnn.flags(enabled=False)
-    return contextlib.nullcontext()
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*TF32 acceleration.*")  # emitted by flags() itself
+        flags = torch.backends.mkldnn.flags(enabled=False)
+        flags.__enter__()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TF32 acceleration.*")
+            flags.__exit__(None, None, None)
 
 
 def item_generators(seed: int, ids: list[int], variant: int, stream: str = "noise") -> list[torch.Generator]:

@@ -1,0 +1,60 @@
+"""Markdown table rows from `ddcodec eval` / `ddcodec eval-real` JSON reports (one row per report).
+
+    python tools/eval_table.py docs/results/*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+HEADER = ("| training set | IPC | student | top-1 % (mean ± std, n) | bytes | soft-label bytes | epochs | test images | "
+          "student img/s | regen img/s |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def human(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def row(r: dict[str, Any]) -> str:
+    """One table row for one report."""
+    if r["kind"] == "bundle":
+        b = r["bundle"]
+        what = f"{b['method']} bundle ({b['generator']}, {r['labels']['used']})"
+        ipc, size, soft = b["ipc"], human(b["bytes"]), human(b["soft_label_bytes"])
+    else:
+        d = r["data"]
+        what = "real pixels, " + ("full split" if r["kind"] == "real-full" else f"random subset (seed {d['subset_seed']})")
+        ipc, size, soft = d["ipc"] or "all", f"{human(d['pixel_bytes_uint8'])} raw uint8", "–"
+    acc = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={len(r['accuracy'])})"
+    regen = f"{r['regen_images_per_s']:.0f}" if r.get("regen_images_per_s") else "–"
+    student = f"{r['student_images_per_s']:.0f}" if r.get("student_images_per_s") else "–"
+    return (f"| {what} | {ipc} | {r['student']} | {acc} | {size} | {soft} | {r['train']['epochs']} | "
+            f"{r['test']['images']} | {student} | {regen} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("reports", nargs="+", type=Path)
+    p.add_argument("--commands", action="store_true", help="also list each row's command")
+    args = p.parse_args()
+    reports = [json.loads(path.read_text()) for path in args.reports]
+    print(HEADER)
+    for r in reports:
+        print(row(r))
+    if args.commands:
+        print()
+        for path, r in zip(args.reports, reports):
+            print(f"- `{path.name}`: `{r['command']}`")
+
+
+if __name__ == "__main__":
+    main()
