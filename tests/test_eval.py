@@ -54,20 +54,6 @@ def test_soft_loss():
     assert soft_loss(p.log() * 2, p, 4.0, 1.0) > 1e-3
 
 
-def test_eval_cli_json(tiny_bundle, cifar_folder, tmp_path):
-    from ddcodec.cli import main
-    out = tmp_path / "r.json"
-    rc = main(["eval", str(tiny_bundle), "--student", "convnet3", "--test-data", str(cifar_folder), "--epochs", "1",
-               "--seeds", "1", "--batch-size", "20", "--json", str(out)])
-    assert rc == 0
-    r = json.loads(out.read_text())
-    assert REPORT_KEYS <= set(r)
-    assert 0.0 <= r["accuracy"][0] <= 1.0 and r["mean"] == r["accuracy"][0]
-    assert r["bundle"]["bytes"] > 0 and r["bundle"]["soft_label_bytes"] == 0 and r["bundle"]["ipc"] == 4
-    assert r["test"]["images"] == 20 and r["trained_images"] == 40 and r["regenerated_images"] == 40
-    assert r["command"].startswith("ddcodec ")
-
-
 @pytest.fixture(scope="module")
 def soft_bundle(tiny_bundle, tmp_path_factory):
     """One item per class of the tiny bundle, 2 variants, random top-3 soft labels stored at temperature 2."""
@@ -95,6 +81,20 @@ def test_eval_soft_labels_and_determinism(soft_bundle, tiny_bundle, cifar_folder
     assert r["regenerated_images"] == 20  # 2 variants x 10 items, regenerated once and shared by both seeds
     with pytest.raises(DDCodecError):
         eval_bundle(tiny_bundle, "convnet3", str(cifar_folder), TrainConfig(epochs=1, labels="soft"), [0])
+
+
+def test_eval_cli_json(soft_bundle, cifar_folder, tmp_path):
+    from ddcodec.cli import main
+    out = tmp_path / "r.json"
+    rc = main(["eval", str(soft_bundle.root), "--student", "convnet3", "--test-data", str(cifar_folder), "--epochs", "1",
+               "--seeds", "1", "--batch-size", "5", "--labels", "hard", "--json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert REPORT_KEYS <= set(r) and r["labels"]["used"] == "hard (CE)"
+    assert 0.0 <= r["accuracy"][0] <= 1.0 and r["mean"] == r["accuracy"][0]
+    assert r["bundle"]["bytes"] > 0 and r["bundle"]["soft_label_bytes"] > 0 and r["bundle"]["ipc"] == 1
+    assert r["test"]["images"] == 20 and r["trained_images"] == 10 and r["regenerated_images"] == 10
+    assert r["command"].startswith("ddcodec ")
 
 
 def test_eval_real_subset(cifar_folder, tmp_path):

@@ -20,7 +20,7 @@ SHARED = Path(os.environ.get("DDCODEC_SHARED", Path(__file__).resolve().parent.p
 R20 = SHARED / "models" / "cifar10_resnet20.safetensors"
 
 TINY = dict(vae_channels=[16, 32], unet_channels=[32, 32], unet_attention=[False, True], context_dim=32,
-            vae_steps=2, unet_steps=2, batch_size=4, unet_batch_size=4, holdout=4, warmup=1)
+            vae_steps=2, unet_steps=2, decoder_steps=2, batch_size=4, unet_batch_size=4, holdout=4, warmup=1)
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +70,7 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
     cfg = PriorConfig(image_size=16, **TINY)
     quiet = dict(progress=False, log=lambda s: None)
     train_prior(cfg, tiny_data(), tmp_path / "full", checkpoint_every=1, **quiet)
-    assert train_prior(cfg, tiny_data(), tmp_path / "cut", stop_after=3, **quiet) is None
+    assert train_prior(cfg, tiny_data(), tmp_path / "cut", stop_after=3, **quiet) is None  # inside the denoiser stage
     assert (tmp_path / "cut.ckpt" / "state.json").exists() and not (tmp_path / "cut").exists()
     meta = json.loads((tmp_path / "cut.ckpt" / "state.json").read_text())
     assert (meta["state"]["stage"], meta["state"]["step"]) == ("unet", 1)
@@ -97,9 +97,9 @@ def test_cli_train_and_eval(tmp_path, cifar_folder):
     assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] > 0
     res = tmp_path / "eval.json"
     assert main(["prior", "eval", str(out), "--data", str(cifar_folder), "--teacher", "cifar10-resnet20", "--limit", "10",
-                 "--steps", "2", "--samples-per-class", "1", "--json", str(res)]) == 0
+                 "--steps", "2", "--samples-per-class", "1", "--guidance", "1,2", "--json", str(res)]) == 0
     r = json.loads(res.read_text())
-    assert r["n_images"] == 10 and 0 <= r["acc_samples"] <= 1 and r["vae_psnr_db"] > 0
+    assert r["n_images"] == 10 and set(r["acc_samples"]) == {"1.0", "2.0"} and r["vae_psnr_db"] > 0
     assert main(["prior", "eval", str(out), "--data", str(cifar_folder), "--split", "holdout", "--teacher",
                  "cifar10-resnet20", "--steps", "2", "--samples-per-class", "0"]) == 0
 

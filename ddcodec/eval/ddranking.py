@@ -121,7 +121,7 @@ Each `variant_VVV.safetensors` (no pickle) holds one regeneration of every item,
 |---|---|---|
 | `images` | (N, 3, {h}, {w}) float32 | regenerated images, normalised with {norm['stats']} mean/std {norm['mean']}/{norm['std']} (DD-Ranking normalises its real data the same way) |
 | `hard_labels` | (N,) int64 | class ids |
-| `soft_labels` | (N, C) float32 | the bundle's stored soft labels as logits (log-probabilities; DD-Ranking's losses take teacher logits and apply softmax(x / T)) |
+| `soft_labels` | (N, C) float32 | the bundle's stored soft labels as logits (log-probabilities), the form of the raw teacher outputs DD-Ranking makes for its own `'S'`-mode labels |
 | `soft_probs` | (N, C) float32 | the same labels as probabilities |
 
 `soft_labels`/`soft_probs` are present only when the bundle stores soft labels (or names an online teacher).

@@ -210,6 +210,7 @@ def eval_bundle(bundle: Any, student: str, test_data: str | None, cfg: TrainConf
     from ..loader import DistilledDataset
     b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     size = tuple(b.manifest["image"]["size"])
+    build_student(student, b.num_classes, size)  # fail early on a bad name or size
     soft, stored_t, teacher, labels = _label_setup(b, cfg)
     test_data = test_data or b.manifest["method"]["params"].get("data")
     if not test_data:
@@ -244,6 +245,7 @@ def eval_real(data: str, student: str, cfg: TrainConfig, seeds: list[int], ipc: 
     """
     from ..data import load_source, readable_names
     from ..methods.common import class_indices, pick_random
+    build_student(student, 2, image_size or 32)  # fail early on a bad name
     src = load_source(data, split)
     names = readable_names(src.classes)
     if ipc is None:

@@ -30,19 +30,28 @@ def encode_soft_labels(probs: torch.Tensor, k: int, quant: str = "int8", tempera
     return tensors, codec
 
 
+FLOOR = {"int8": 3e-5, "fp16": 1e-7}  # decoded floor of a class whose probability was not kept (or rounded to 0)
+
+
 def decode_soft_labels(tensors: dict[str, torch.Tensor], codec: dict[str, Any], ids: torch.Tensor, variant: int) -> torch.Tensor:
-    """Dense (B, classes) probabilities for items `ids` at `variant`; the mass outside top-k is spread evenly."""
-    c, k = int(codec["classes"]), int(codec["k"])
+    """Dense (B, classes) probabilities for items `ids` at `variant`.
+
+    The mass the kept values leave is spread evenly over the unknown classes: those outside the top-k and
+    those whose value quantised to 0. Each unknown class gets at least FLOOR[quant] (int8 rounds anything
+    below 1/510 to 0, and the kept values can sum past 1), so no class decodes to exactly 0.
+    """
+    c = int(codec["classes"])
     v = variant % int(codec["variants"])
     idx = tensors["topk_index"][ids, v].long()
     val = tensors["topk_value"][ids, v].float()
     if codec["quant"] == "int8":
         val = val / 255.0
-    out = torch.zeros(len(ids), c)
-    rest = (1.0 - val.sum(-1, keepdim=True)).clamp(min=0)
-    if c > k:
-        out += rest / (c - k)
-    out.scatter_(1, idx, val)
+    known = torch.zeros(len(ids), c, dtype=torch.bool).scatter_(1, idx, val > 0)
+    out = torch.zeros(len(ids), c).scatter_(1, idx, val)
+    unknown = (c - known.sum(-1, keepdim=True)).clamp(min=1)
+    rest = (1.0 - out.sum(-1, keepdim=True)).clamp(min=0)
+    fill = (rest / unknown).clamp(min=FLOOR.get(codec["quant"], 1e-7))
+    out = torch.where(known, out, fill)
     return out / out.sum(-1, keepdim=True)
 
 

@@ -42,12 +42,13 @@ class LabelOptions:
 def add_arguments(group: Any) -> None:
     """The label options shared by the producers that use a teacher (all default None)."""
     group.add_argument("--labels", choices=KINDS, default=None,
-                       help="hard: class ids only; soft: teacher top-k per (item, variant); online: store none, record the teacher")
+                       help="soft (default): teacher top-k per (item, variant); hard: class ids only; "
+                            "online: store none, record the teacher")
     group.add_argument("--teacher", default=None, help="teacher name (default: the dataset's, e.g. cifar10-resnet56)")
     group.add_argument("--soft-k", type=int, default=None, help="soft labels: probabilities kept per label (default 5)")
     group.add_argument("--soft-quant", choices=QUANT, default=None, help="soft labels: int8 (default) or fp16")
     group.add_argument("--temperature", type=float, default=None, help="teacher softmax temperature (default 1)")
-    group.add_argument("--variants", type=int, default=None, help="planned epochs: distinct regenerations per item")
+    group.add_argument("--variants", type=int, default=None, help="planned epochs: distinct regenerations per item, each labelled (default d4m 10, dace 50, rded 1)")
     group.add_argument("--device", default=None, help="device for encoding, teacher and labelling (default cpu)")
 
 

@@ -51,11 +51,13 @@ def load_images(source: Any, indices: Iterable[int], size: tuple[int, int]) -> t
 
 
 @torch.no_grad()
-def encode_latents(prior: LatentPrior, images: torch.Tensor, batch_size: int = 64, desc: str = "VAE-encoding") -> torch.Tensor:
+def encode_latents(prior: LatentPrior, images: torch.Tensor, batch_size: int = 64, desc: str = "VAE-encoding",
+                   split_ranks: bool = True) -> torch.Tensor:
     """Scaled VAE latent means of images in [0,1], in fixed padded chunks split across ranks.
 
     Fixed chunk shapes make each latent independent of the rank split, so a parallel encode
-    produces the same bytes as a single-process one.
+    produces the same bytes as a single-process one. split_ranks=False encodes every chunk here
+    (for callers that already run inside one rank's share of the work).
     """
     from ..generators.pipelines import cpu_deterministic
     from ..parallel import map_chunks
@@ -68,7 +70,8 @@ def encode_latents(prior: LatentPrior, images: torch.Tensor, batch_size: int = 6
         with cpu_deterministic(next(prior.vae.parameters()).device):
             return prior.encode(x.contiguous()).float()
 
-    out = map_chunks(chunk, -(-n // batch_size), desc=desc)
+    count = -(-n // batch_size)
+    out = map_chunks(chunk, count, desc=desc) if split_ranks else [chunk(k) for k in range(count)]
     return torch.cat(out)[:n]
 
 

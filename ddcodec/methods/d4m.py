@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.cluster import MiniBatchKMeans
+from tqdm import tqdm
 
 from ..bundle import Bundle, derive_seed, new_manifest, write_bundle
 from ..data import load_source, readable_names
@@ -57,10 +58,12 @@ def kmeans_prototypes(latents: torch.Tensor, k: int, seed: int, batch_size: int)
 
 
 def class_latents(prior: LatentPrior, source: Any, indices: list[int], size: tuple[int, int], label: str,
-                  load: int = 1024) -> torch.Tensor:
-    """VAE latent means of one class's images: loaded `load` at a time, encoded by encode_latents' fixed chunks."""
-    return torch.cat([encode_latents(prior, load_images(source, chunk, size)[0], desc=f"VAE-encoding {label}")
-                      for chunk in batched(indices, load)])
+                  batch_size: int = 64, load: int = 1024) -> torch.Tensor:
+    """VAE latent means of one class's images (this rank's work unit): loaded `load` at a time, fixed chunks."""
+    batch = min(batch_size, len(indices))  # fixed chunks (padded): latents depend on neither the ranks nor `load`
+    load = max(batch, load // batch * batch)
+    return torch.cat([encode_latents(prior, load_images(source, chunk, size)[0], batch_size=batch, split_ranks=False)
+                      for chunk in tqdm(list(batched(indices, load)), desc=f"VAE-encoding {label}", leave=False)])
 
 
 def run(args: Any) -> Bundle | None:
@@ -90,16 +93,18 @@ def run(args: Any) -> Bundle | None:
     if not 0 <= gen_params["strength"] <= 1 or gen_params["steps"] < 1:
         raise DDCodecError("--strength must be in [0, 1] and --steps at least 1")
     km_batch = int(option(args, "kmeans_batch", DEFAULTS["kmeans_batch"]))
+    encode_batch = int(option(args, "encode_batch_size", 64))
     params = {"ipc": ipc, "data": str(args.data), "split": args.split, "candidates": candidates,
+              "encode_batch_size": encode_batch,
               "kmeans": {"impl": "sklearn.MiniBatchKMeans", "batch_size": km_batch, "n_init": "auto"},
               **labels.record()}
     work = WorkDir(args.out, work_params(args, prior, **params, **gen_params, device=str(device)))
     prior.to(device)
-    latent_shape = tuple(encode_latents(prior, torch.zeros(1, 3, *size)).shape[1:])
+    latent_shape = tuple(encode_latents(prior, torch.zeros(1, 3, *size), batch_size=1, split_ranks=False).shape[1:])
 
     def cluster(c: int) -> dict[str, torch.Tensor]:
         idx = seeded_subset(per_class[c], candidates, derive_seed(seed, c, 0, "candidates"))
-        proto, count = kmeans_prototypes(class_latents(prior, source, idx, size, names[c]), ipc,
+        proto, count = kmeans_prototypes(class_latents(prior, source, idx, size, names[c], encode_batch), ipc,
                                          derive_seed(seed, c, 0, "kmeans"), km_batch)
         return {"prototypes": proto, "sizes": count}
 

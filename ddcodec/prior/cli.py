@@ -20,6 +20,13 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _flags(text: str) -> list[bool]:
     return [bool(v) for v in _ints(text)]
 
@@ -43,6 +50,9 @@ def register(subparsers: Any) -> None:
     t.add_argument("--context-dim", type=int, default=d.context_dim, help="class token width (cross-attention dim)")
     t.add_argument("--vae-steps", type=int, default=d.vae_steps)
     t.add_argument("--unet-steps", type=int, default=d.unet_steps)
+    t.add_argument("--decoder-steps", type=int, default=d.decoder_steps,
+                   help="finally fine-tune the VAE decoder alone on the frozen latents (sharper, same latent space)")
+    t.add_argument("--decoder-lr", type=float, default=d.decoder_lr)
     t.add_argument("--batch-size", type=int, default=d.batch_size, help="VAE batch size")
     t.add_argument("--unet-batch-size", type=int, default=d.unet_batch_size)
     t.add_argument("--vae-lr", type=float, default=d.vae_lr)
@@ -71,7 +81,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("--limit", type=int, default=1000, help="seeded class-balanced subset size (0 = all)")
     e.add_argument("--rho", type=float, default=0.5, help="img2img strength")
     e.add_argument("--steps", type=int, default=10, help="scheduler steps of the full schedule")
-    e.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance for pure samples")
+    e.add_argument("--guidance", type=_floats, default=[3.0], help="classifier-free guidance for pure samples (comma list)")
     e.add_argument("--img2img-guidance", type=float, default=1.0)
     e.add_argument("--samples-per-class", type=int, default=100)
     e.add_argument("--micro-batch", type=int, default=50)
@@ -99,7 +109,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = PriorConfig(image_size=int(data.images.shape[-1]), latent_channels=args.latent_channels,
                       vae_channels=args.vae_channels, unet_channels=args.unet_channels,
                       unet_attention=args.unet_attention, context_dim=args.context_dim, vae_steps=args.vae_steps,
-                      unet_steps=args.unet_steps, batch_size=args.batch_size, unet_batch_size=args.unet_batch_size,
+                      unet_steps=args.unet_steps, decoder_steps=args.decoder_steps, decoder_lr=args.decoder_lr,
+                      batch_size=args.batch_size, unet_batch_size=args.unet_batch_size,
                       vae_lr=args.vae_lr, unet_lr=args.unet_lr, feature_net=args.feature_net,
                       feature_weight=args.feature_weight, logit_weight=args.logit_weight,
                       holdout=min(args.holdout, len(data) // 2), bf16=args.bf16, seed=args.seed)
@@ -138,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.limit and args.limit < len(data):
         data = data.subset(balanced_subset(data.labels, args.limit, args.seed))
     teacher = load_teacher(args.teacher)
-    res = evaluate(prior, data, teacher, rho=args.rho, steps=args.steps, guidance=args.guidance,
+    res = evaluate(prior, data, teacher, rho=args.rho, steps=args.steps, guidance=tuple(args.guidance),
                    img2img_guidance=args.img2img_guidance, samples_per_class=args.samples_per_class, seed=args.seed,
                    micro_batch=args.micro_batch)
     res.update({"prior": args.prior, "data": args.data, "split": args.split, "teacher": args.teacher})
@@ -157,9 +168,8 @@ def print_table(res: dict[str, Any]) -> None:
             ("teacher accuracy, original images", f"{100 * res['acc_original']:.1f}%"),
             ("teacher accuracy, VAE reconstructions", f"{100 * res['acc_reconstruction']:.1f}%"),
             (f"teacher accuracy, img2img rho={res['rho']} (guidance {res['guidance_img2img']})", f"{100 * res['acc_img2img']:.1f}%")]
-    if "acc_samples" in res:
-        rows.append((f"teacher accuracy, pure samples (guidance {res['guidance_samples']}, "
-                     f"{res['samples_per_class']}/class)", f"{100 * res['acc_samples']:.1f}%"))
+    for g, acc in res.get("acc_samples", {}).items():
+        rows.append((f"teacher accuracy, pure samples (guidance {g}, {res['samples_per_class']}/class)", f"{100 * acc:.1f}%"))
     print(f"prior {res['prior']} on {res['data']} [{res['split']}], {n} images, teacher {res['teacher']}, "
           f"{res['steps']} scheduler steps, seed {res['seed']}")
     print("| figure | value |\n|---|---|")

@@ -31,12 +31,15 @@ class PriorConfig:
     context_tokens: int = 1
     vae_steps: int = 2000
     unet_steps: int = 4000
+    decoder_steps: int = 0
     batch_size: int = 32
     unet_batch_size: int = 64
     vae_lr: float = 1e-3
     unet_lr: float = 1e-3
+    decoder_lr: float = 5e-4
     warmup: int = 100
     kl_weight: float = 1e-6
+    sample_posterior: bool = False  # decode the latent mean, as regeneration does (sampling blurs a short run)
     feature_net: str | None = None
     feature_weight: float = 1.0
     logit_weight: float = 0.1

@@ -41,7 +41,7 @@ def accuracy(teacher: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 
 def evaluate(prior: LatentPrior, data: ImageSet, teacher: torch.nn.Module, rho: float = 0.5, steps: int = 10,
-             guidance: float = 3.0, img2img_guidance: float = 1.0, samples_per_class: int = 100, seed: int = 0,
+             guidance: tuple[float, ...] = (3.0,), img2img_guidance: float = 1.0, samples_per_class: int = 100, seed: int = 0,
              micro_batch: int = 50, progress: bool = True) -> dict[str, Any]:
     """Teacher accuracy on originals, VAE reconstructions, img2img at `rho`, and pure class-conditional samples."""
     size = int(data.images.shape[-1])
@@ -61,12 +61,14 @@ def evaluate(prior: LatentPrior, data: ImageSet, teacher: torch.nn.Module, rho: 
     res["seconds_img2img"] = round(time.time() - t0, 1)
     res["img2img_psnr_db"] = round(psnr(regen, real), 2)
     if samples_per_class > 0:
-        t0 = time.time()
         ids = torch.arange(k).repeat_interleave(samples_per_class)
-        samples = run(img2img(prior, {"class_ids": ids}, k, size, 1.0, steps, guidance, seed + 1, micro_batch),
-                      len(ids), f"sampling (guidance {guidance})", progress)
-        res["acc_samples"] = accuracy(teacher, samples, ids)
-        res["seconds_samples"] = round(time.time() - t0, 1)
+        res["acc_samples"] = {}
+        for g in guidance:
+            t0 = time.time()
+            samples = run(img2img(prior, {"class_ids": ids}, k, size, 1.0, steps, g, seed + 1, micro_batch),
+                          len(ids), f"sampling (guidance {g})", progress)
+            res["acc_samples"][str(g)] = accuracy(teacher, samples, ids)
+            res[f"seconds_samples_{g}"] = round(time.time() - t0, 1)
     res.update({"n_images": len(data), "samples_per_class": samples_per_class, "rho": rho, "steps": steps,
-                "guidance_samples": guidance, "guidance_img2img": img2img_guidance, "seed": seed})
+                "guidance_samples": list(guidance), "guidance_img2img": img2img_guidance, "seed": seed})
     return res

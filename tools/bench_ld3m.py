@@ -1,0 +1,83 @@
+"""Time one LD3M distillation step, split into the generator (T checkpointed denoiser calls, forward and backward)
+and the DM/DC objective on the decoded images, for a given prior, IPC, class count, T and real batch.
+
+    python tools/bench_ld3m.py --generator builtin:tiny --classes 10 --ipc 1 --steps 10 --batch-real 256 --loss dm
+
+Real images are random pixels (the cost does not depend on their content). Prints wall and CPU seconds per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ddcodec.generators.ld3m import LD3MPipeline
+from ddcodec.generators.prior import load_prior
+from ddcodec.methods.common import generator_record
+from ddcodec.methods.ld3m import Config, Distiller, balanced_micro_batch
+from ddcodec.methods.matching import DSA_STRATEGY, dc_loops
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--generator", default="builtin:tiny")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--ipc", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--batch-real", type=int, default=256)
+    p.add_argument("--loss", choices=("dm", "dc"), default="dm")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    prior = load_prior(a.generator, num_classes=a.classes).to(device)
+    n, size = a.classes * a.ipc, (a.image_size, a.image_size)
+    class_ids = torch.arange(a.classes).repeat_interleave(a.ipc)
+    f = 2 ** (len(prior.vae.config.block_out_channels) - 1)
+    z0 = torch.randn(n, prior.unet.config.in_channels, a.image_size // f, a.image_size // f)
+    record = generator_record(prior, "ld3m", {"steps": a.steps, "eta": 1.0, "guidance_scale": a.guidance_scale},
+                              micro_batch=balanced_micro_batch(n, a.micro_batch))
+    pipe = LD3MPipeline(prior, record, {"class_ids": class_ids, "latents": z0}, [f"class {k}" for k in range(a.classes)],
+                        0, size, device=device, dtype=torch.float32)
+    c0 = pipe.condition(list(range(n)))["encoder_hidden_states"].detach().float()
+    pools = [torch.randint(0, 256, (max(a.batch_real, 1), 3, *size), dtype=torch.uint8) for _ in range(a.classes)]
+    outer, inner = dc_loops(a.ipc) if a.loss == "dc" else (1, 0)
+    cfg = Config(a.loss, a.iterations, 1e-2, 1e-2, "sgd", 0.5, a.batch_real, DSA_STRATEGY, 10**9, 1, outer, inner)
+    d = Distiller(pipe, z0, c0, pools, cfg, seed=0)
+
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        w, c = time.perf_counter(), time.process_time()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out, time.perf_counter() - w, time.process_time() - c
+
+    gen, obj, step = [], [], []
+    for it in range(a.iterations + 1):
+        images, w1, c1 = timed(lambda: d.render(0))
+        _, w2, c2 = timed(lambda: d.objective(d.network(it), images, it).backward())
+        _, w3, c3 = timed(d.step)
+        if it:  # skip warm-up
+            gen.append((w1, c1))
+            obj.append((w2, c2))
+            step.append((w3, c3))
+    mean = lambda xs, i: sum(x[i] for x in xs) / len(xs)  # noqa: E731
+    print(f"{a.generator} n={n} T={a.steps} guidance={a.guidance_scale} micro_batch={pipe.micro_batch} "
+          f"loss={a.loss} batch_real={a.batch_real} device={device} threads={torch.get_num_threads()}")
+    print(f"  full step        wall {mean(step, 0):.3f} s   cpu {mean(step, 1):.3f} s")
+    print(f"  generator fwd    wall {mean(gen, 0):.3f} s   cpu {mean(gen, 1):.3f} s   (images only; backward is in the step)")
+    print(f"  objective+bwd    wall {mean(obj, 0):.3f} s   cpu {mean(obj, 1):.3f} s   (includes the generator backward)")
+
+
+if __name__ == "__main__":
+    main()
