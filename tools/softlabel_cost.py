@@ -64,7 +64,7 @@ def codec_rows(probs: torch.Tensor, ks: list[int], quants: list[str], temperatur
 
 
 def train_student(images: torch.Tensor, labels: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor], epochs: int,
-                  seed: int, batch: int = 256) -> float:
+                  seed: int, batch: int = 20) -> float:
     """Top-1 (%) on `test` of a ConvNet-3 trained with soft cross-entropy, no augmentation; epoch e uses variant e mod V."""
     torch.manual_seed(seed)
     v, n = images.shape[:2]
@@ -107,6 +107,8 @@ def main() -> None:
     p.add_argument("--quants", nargs="+", default=list(QUANT), choices=QUANT)
     p.add_argument("--student-epochs", type=int, default=0, help="also train students (0: fidelity only)")
     p.add_argument("--student-ks", type=int, nargs="+", default=[1, 3])
+    p.add_argument("--student-quants", nargs="+", default=["int8"], choices=QUANT)
+    p.add_argument("--student-batch", type=int, default=20)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--test-data", default="../shared/datasets/cifar10.tar")
     p.add_argument("--test-per-class", type=int, default=200)
@@ -140,15 +142,16 @@ def main() -> None:
     if a.student_epochs:
         test = test_split(a.test_data, a.test_per_class, tuple(images.shape[-2:]))
         configs = [("full fp32", probs)] + [(f"k={r['k']} {r['quant']}", r["labels"]) for r in rows
-                                            if r["k"] in a.student_ks]
+                                            if r["k"] in a.student_ks and r["quant"] in a.student_quants]
         hard = F.one_hot(bundle.items["class_ids"], c).float()[:, None].expand(n, v, c)
         configs.append(("hard labels", hard))
-        print(f"\nstudent: ConvNet-3, {a.student_epochs} epochs, {a.seeds} seeds, {len(test[1])} real test images\n")
+        print(f"\nstudent: ConvNet-3, {a.student_epochs} epochs of batch {a.student_batch}, SGD 0.01 cosine, no augmentation, "
+              f"{a.seeds} seeds, {len(test[1])} real test images\n")
         print("| labels | top-1 % (mean +- std) |")
         print("|---|---|")
         result["students"] = {}
         for label, q in configs:
-            accs = [train_student(images, q, test, a.student_epochs, s) for s in range(a.seeds)]
+            accs = [train_student(images, q, test, a.student_epochs, s, a.student_batch) for s in range(a.seeds)]
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             result["students"][label] = accs
             print(f"| {label} | {statistics.mean(accs):.2f} +- {std:.2f} |", flush=True)

@@ -45,6 +45,8 @@ def write_shards(bundle: Bundle, out: str | os.PathLike, items_per_shard: int = 
     out.mkdir(parents=True, exist_ok=True)
     if items_per_shard < 1:
         raise BundleError("--items-per-shard must be at least 1")
+    for stale in out.glob(".shard-*.tar.*.tmp"):  # temporary files of a run that was killed mid-write
+        stale.unlink(missing_ok=True)
     split = item_payload_names(bundle.manifest)
     whole = {name: t for name, t in bundle.payloads.items() if name not in split}
     manifest_bytes = json.dumps(bundle.manifest, indent=2).encode()

@@ -299,8 +299,8 @@ def balanced_micro_batch(n: int, limit: int) -> int:
     return -(-n // -(-n // limit))
 
 
-def load_pools(source: Any, per_class: list[list[int]], candidates: int | None, seed: int, size: tuple[int, int],
-               names: list[str]) -> list[torch.Tensor]:
+def load_pools(source: Any, per_class: list[list[int]], candidates: int | None, seed: int,
+               size: tuple[int, int]) -> list[torch.Tensor]:
     """Each class's real images (uint8 at the bundle size): all of them, or `candidates` seeded ones."""
     pools = []
     for k in tqdm(range(len(per_class)), desc="ld3m real images", unit="class", leave=False):
@@ -362,7 +362,7 @@ def encode(args: Any) -> tuple[Bundle, Distiller]:
     pipe = LD3MPipeline(prior, record, {"class_ids": class_ids, "latents": init["z"]}, default_prompts(names), seed, size,
                         device=device, dtype=torch.float32)
     c0 = pipe.condition(list(range(len(class_ids))))["encoder_hidden_states"].detach().float()
-    pools = load_pools(source, per_class, candidates, seed, size, names)
+    pools = load_pools(source, per_class, candidates, seed, size)
     distiller = Distiller(pipe, init["z"], c0, pools, cfg, seed)
     distiller.run(work, label=f"ld3m {cfg.loss}")
 
