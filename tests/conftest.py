@@ -64,7 +64,7 @@ def noisy_bundle(tiny_bundle, tmp_path_factory) -> Path:
     m = copy.deepcopy(b.manifest)
     m["payloads"], m["variants"] = {}, 3
     m.pop("fingerprints")
-    m["generator"]["params"] = {"strength": 0.5, "steps": 4, "guidance_scale": 2.0}
+    m["generator"]["params"] = {"strength": 0.5, "steps": 2, "guidance_scale": 1.5}
     m["generator"]["micro_batch"] = 8
     keep = torch.arange(0, b.num_items, 2)  # 20 items: 2 per class
     out = tmp_path_factory.mktemp("bundles") / "noisy"

@@ -1,4 +1,4 @@
-"""Exactly once with real processes: torch.distributed (gloo, CPU) ranks × DataLoader workers × epochs, and resume.
+"""Real multi-process runs: exactly once across gloo ranks × DataLoader workers × epochs, resume, and thread counts.
 
 Each rank is a separate `python tests/test_distributed.py CONFIG` process with RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT set; it joins a gloo process group, iterates DistilledDataset.loader()
@@ -179,6 +179,15 @@ def run_grid(bundle: Path, tmp: Path, worlds: list[int], workers: list[int], epo
 def test_two_ranks_exactly_once_and_resume(noisy_bundle, tmp_path):
     """2 gloo ranks × {0, 2} workers × 2 epochs; resume from every saved state with 0 workers, mid-epoch with 2."""
     assert run_grid(noisy_bundle, tmp_path, worlds=[2], workers=[0, 2], epochs=2) > 0
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fingerprints_bitwise_in_fresh_process_with_other_thread_counts(noisy_bundle, threads):
+    """Fingerprints made in this process match bitwise in a fresh process with another intra-op thread count."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    r = subprocess.run([sys.executable, "-m", "ddcodec.cli", "verify", str(noisy_bundle)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "bitwise identical" in r.stdout, r.stdout + r.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -154,10 +154,10 @@ def wrong_bundles(dirs: list[Path], allowed: list[dict[str, str]]) -> list[str]:
     return bad
 
 
-def encode_trial(k: int, rng: random.Random, work: Path, ref: dict[str, str], old: dict[str, str],
-                 old_dir: Path, t_ref: float) -> Trial:
-    overwrite = k % 2 == 1
-    mode = "write" if k % 4 in (2, 3) else "uniform"
+def encode_trial(k: int, rng: random.Random, work: Path, ref: dict[str, str], old: dict[str, str] | None,
+                 old_dir: Path | None, t_ref: float, mode: str | None = None) -> Trial:
+    overwrite = old_dir is not None and k % 2 == 1
+    mode = mode or ("write" if k % 4 in (2, 3) else "uniform")
     t = Trial("encode" + ("-overwrite" if overwrite else ""), k, mode)
     tdir = work / f"encode-{k:03d}"
     shutil.rmtree(tdir, ignore_errors=True)
@@ -173,7 +173,8 @@ def encode_trial(k: int, rng: random.Random, work: Path, ref: dict[str, str], ol
     t.killed, t.at_s = r["killed"], r["at_s"]
     t.phase = disk_phase(out)
     siblings = [out, staging, out.with_name(out.name + ".old")]
-    bad = wrong_bundles(siblings, [ref, old])
+    allowed = [ref, old] if old else [ref]
+    bad = wrong_bundles(siblings, allowed)
     if bad:
         t.outcome, t.detail = "WRONG", f"after the kill {bad} open as a bundle but match neither run"
         return t
@@ -184,7 +185,7 @@ def encode_trial(k: int, rng: random.Random, work: Path, ref: dict[str, str], ol
         t.outcome = "identical" if final == ref else "WRONG"
         t.detail = "" if final == ref else "re-run finished but the bundle differs from the uninterrupted run"
     elif refusal:
-        wrong = wrong_bundles([out], [ref, old])
+        wrong = wrong_bundles([out], allowed)
         t.outcome = "WRONG" if wrong else "refused"
         t.detail = refusal
     else:
@@ -198,10 +199,11 @@ def encode_trial(k: int, rng: random.Random, work: Path, ref: dict[str, str], ol
 
 
 # shard -------------------------------------------------------------------------------------------
-def shard_trial(k: int, rng: random.Random, work: Path, bundle: Path, ref: dict[str, str], t_ref: float) -> Trial:
+def shard_trial(k: int, rng: random.Random, work: Path, bundle: Path, ref: dict[str, str], t_ref: float,
+                mode: str | None = None) -> Trial:
     from ddcodec.bundle import Bundle
     from ddcodec.errors import DDCodecError
-    mode = "write" if k % 2 else "uniform"
+    mode = mode or ("write" if k % 2 else "uniform")
     t = Trial("shard", k, mode)
     out = work / f"shard-{k:03d}"
     shutil.rmtree(out, ignore_errors=True)
@@ -235,8 +237,9 @@ def shard_trial(k: int, rng: random.Random, work: Path, bundle: Path, ref: dict[
 
 
 # cache -------------------------------------------------------------------------------------------
-def cache_trial(k: int, rng: random.Random, work: Path, bundle: Path, ref: list[str], t_ref: float) -> Trial:
-    mode = "write" if k % 2 else "uniform"
+def cache_trial(k: int, rng: random.Random, work: Path, bundle: Path, ref: list[str], t_ref: float,
+                mode: str | None = None) -> Trial:
+    mode = mode or ("write" if k % 2 else "uniform")
     t = Trial("cache", k, mode)
     cache = work / f"cache-{k:03d}"
     shutil.rmtree(cache, ignore_errors=True)
@@ -284,8 +287,12 @@ def timed(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
 
 
 def crash_trials(work: Path, trials: int = 20, shard_trials: int = 20, cache_trials: int = 20, seed: int = 0,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run all trials under `work`; return the figures."""
+                 log: Callable[[str], None] = print, overwrite: bool = True, mode: str | None = None) -> dict[str, Any]:
+    """Run all trials under `work`; return the figures.
+
+    overwrite: odd-numbered encode trials pass --overwrite over an older bundle; mode: force every
+    kill point to "uniform" or "write" (default: alternate).
+    """
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     ref_dir, old_dir = work / "reference", work / "older"
@@ -295,18 +302,20 @@ def crash_trials(work: Path, trials: int = 20, shard_trials: int = 20, cache_tri
     ref = tree_bytes(ref_dir)
     results: list[Trial] = []
     if trials:
-        timed(encode_cmd(old_dir, seed=1))
-        old = tree_bytes(old_dir)
-        assert old != ref
+        old = None
+        if overwrite and trials > 1:
+            timed(encode_cmd(old_dir, seed=1))
+            old = tree_bytes(old_dir)
+            assert old != ref
         for k in range(trials):
-            results.append(encode_trial(k, rng, work, ref, old, old_dir, t_encode))
+            results.append(encode_trial(k, rng, work, ref, old, old_dir if old else None, t_encode, mode))
             log(_line(results[-1]))
     t_shard = 0.0
     if shard_trials:
         _, t_shard = timed(shard_cmd(ref_dir, work / "reference-shards"))
         ref_shards = tree_bytes(work / "reference-shards")
         for k in range(shard_trials):
-            results.append(shard_trial(k, rng, work, ref_dir, ref_shards, t_shard))
+            results.append(shard_trial(k, rng, work, ref_dir, ref_shards, t_shard, mode))
             log(_line(results[-1]))
     t_cache = 0.0
     if cache_trials:
@@ -315,7 +324,7 @@ def crash_trials(work: Path, trials: int = 20, shard_trials: int = 20, cache_tri
         plain, t_cache = timed(cache_cmd(noisy, None))
         ref_lines = plain.stdout.split("\n")[:-1]
         for k in range(cache_trials):
-            results.append(cache_trial(k, rng, work, noisy, ref_lines, t_cache))
+            results.append(cache_trial(k, rng, work, noisy, ref_lines, t_cache, mode))
             log(_line(results[-1]))
     by_kind: dict[str, dict[str, int]] = {}
     for t in results:

@@ -801,7 +801,7 @@ def run_one(fam: str, src: Source, seeds: Seeds, case: Path, timeout: float = 20
         shutil.rmtree(case)
     case.mkdir(parents=True)
     target = FAMILIES[fam](src, seeds, case)
-    before = snapshot(seeds.root)
+    before = snapshot(seeds.root.parent), sorted(os.listdir("."))
     t0 = time.perf_counter()
     outcome, message, violation = "loaded", "", ""
     try:
@@ -823,8 +823,10 @@ def run_one(fam: str, src: Source, seeds: Seeds, case: Path, timeout: float = 20
             raise
         outcome, violation = type(e).__name__, f"{type(e).__name__}: {str(e)[:200]} at {_where(e)}"
     seconds = time.perf_counter() - t0
-    after = snapshot(seeds.root)
-    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    after = snapshot(seeds.root.parent), sorted(os.listdir("."))
+    changed = sorted(k for k in set(before[0]) | set(after[0]) if before[0].get(k) != after[0].get(k))
+    if before[1] != after[1]:
+        changed.append("the working directory")
     if changed:
         violation = violation or f"files changed by reading: {changed[:5]}"
     if os.path.lexists(ESCAPE):

@@ -58,6 +58,7 @@ def _get(obj: dict, key: str, typ: type | tuple, where: str, optional: bool = Fa
 
 
 def _depth(obj: Any, limit: int) -> int:
+    """The nesting depth of a JSON value (stops counting past `limit`); raises ValueError on a lone surrogate."""
     stack = [(obj, 1)]
     deepest = 0
     while stack:
@@ -67,8 +68,11 @@ def _depth(obj: Any, limit: int) -> int:
             return deepest
         if isinstance(node, dict):
             stack.extend((v, d + 1) for v in node.values())
+            stack.extend((k, d + 1) for k in node)
         elif isinstance(node, list):
             stack.extend((v, d + 1) for v in node)
+        elif isinstance(node, str):
+            node.encode("utf-8")  # "\ud800" escapes parse to strings no UTF-8 output can hold
     return deepest
 
 
@@ -76,7 +80,11 @@ def validate(m: Any, where: str = "manifest.json") -> None:
     """Check a parsed manifest against the v1 schema."""
     if not isinstance(m, dict):
         raise _fail(where, "top level must be an object")
-    if _depth(m, MAX_DEPTH) > MAX_DEPTH:
+    try:
+        depth = _depth(m, MAX_DEPTH)
+    except UnicodeEncodeError:
+        raise _fail(where, "a string holds a lone surrogate escape (not valid Unicode)") from None
+    if depth > MAX_DEPTH:
         raise _fail(where, f"nested deeper than {MAX_DEPTH} levels")
     if m.get("format") != FORMAT:
         raise BundleError(f"{where} is not a ddcodec bundle manifest (format={m.get('format')!r})", "point ddcodec at a bundle directory or its shards")

@@ -76,6 +76,12 @@ def decode_payload(data: bytes, info: dict[str, Any], where: str) -> dict[str, t
     except Exception as e:  # safetensors raises several types for malformed headers
         raise BundleError(f"{where} is not a valid safetensors payload ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
                           "download the bundle again") from None
+    check_tensors(tensors, info, where)
+    return tensors
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], info: dict[str, Any], where: str) -> None:
+    """Refuse tensors whose names, dtypes or shapes differ from the payload's manifest record."""
     if sorted(tensors) != sorted(info["tensors"]):
         raise BundleError(f"{where} holds tensors {sorted(tensors)}, the manifest declares {sorted(info['tensors'])}",
                           "download the bundle again")
@@ -83,7 +89,6 @@ def decode_payload(data: bytes, info: dict[str, Any], where: str) -> dict[str, t
         if tensor_spec(tensors[key]) != {"dtype": spec["dtype"], "shape": list(spec["shape"])}:
             raise BundleError(f"{where}: tensor '{key}' is {tensor_spec(tensors[key])}, the manifest says {spec}",
                               "download the bundle again")
-    return tensors
 
 
 def decompress_bounded(data: bytes, limit: int, where: str) -> bytes:

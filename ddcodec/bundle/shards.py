@@ -23,7 +23,7 @@ from ..errors import BundleError
 from .atomic import atomic_write_bytes
 from .bundle import Bundle, check_items, content_sha256
 from .manifest import MAX_MANIFEST_BYTES, parse_manifest
-from .payload import DTYPES
+from .payload import DTYPES, check_tensors
 
 MANIFEST_KEY = "bundle"
 MAX_MEMBER_BYTES = 256 << 20
@@ -285,6 +285,7 @@ def read_shards(urls: list[str]) -> Bundle:
     for name, info in manifest["payloads"].items():
         if name not in payloads:
             raise BundleError(f"payload '{name}' is missing from the shards", "re-shard the bundle")
+        check_tensors(payloads[name], info, f"payload '{name}' reassembled from shards")
         if content_sha256(payloads[name]) != info.get("content_sha256"):
             raise BundleError(f"payload '{name}' reassembled from shards fails its content hash (corrupted shard)",
                               "download the shards again")

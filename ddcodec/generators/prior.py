@@ -160,7 +160,10 @@ def resolve_source(source: str) -> str:
 def load_prior(source: str, revision: str | None = None, num_classes: int | None = None,
                local_files_only: bool | None = None) -> LatentPrior:
     """Load a prior from a builtin name, a local diffusers-layout directory, or a hub id (never remote code)."""
-    source = resolve_source(source)
+    if source in ("default", "builtin:default"):
+        prior = load_prior(resolve_source(source), revision, num_classes, local_files_only)
+        prior.source = "builtin:default"  # bundles name the shipped prior, not this machine's install path
+        return prior
     if source.startswith("builtin:") and source not in BUILTINS:
         _import_builtin_modules()
     if source in BUILTINS:
