@@ -9,7 +9,8 @@ swap). Shard trials do the same for `ddcodec shard`; cache trials kill a Distill
 cache_dir mid-epoch and require the re-run's images to equal uncached ones bitwise.
 
 Kill points: "uniform" trials wait a seeded uniform fraction of the uninterrupted run's time; "write"
-trials wait until the command's first output appears and then a seeded 0-1.5 s more.
+trials wait until the command's first output appears and then a seeded 0-1.5 s more (0-50 ms for
+`ddcodec shard`, whose whole write phase is that short).
 
     python tools/crash_trials.py --trials 20 --seed 0 --json crash.json
 """
@@ -90,7 +91,7 @@ def run_and_kill(cmd: list[str], delay: float, wait_for: Callable[[], bool] | No
     start = t0
     if wait_for is not None:
         while proc.poll() is None and not wait_for() and time.monotonic() - t0 < TIMEOUT:
-            time.sleep(0.01)
+            time.sleep(0.002)
         start = time.monotonic()
     while proc.poll() is None and time.monotonic() - start < delay:
         time.sleep(0.005)
@@ -208,7 +209,8 @@ def shard_trial(k: int, rng: random.Random, work: Path, bundle: Path, ref: dict[
     out = work / f"shard-{k:03d}"
     shutil.rmtree(out, ignore_errors=True)
     if mode == "write":
-        r = run_and_kill(shard_cmd(bundle, out), rng.uniform(0, 1.0), wait_for=lambda: any(out.glob("*.tar")))
+        # writing 20 one-item shards takes tens of milliseconds: kill within 50 ms of the first one
+        r = run_and_kill(shard_cmd(bundle, out), rng.uniform(0, 0.05), wait_for=lambda: any(out.glob("*.tar")))
     else:
         r = run_and_kill(shard_cmd(bundle, out), rng.uniform(0.05, 1.0) * t_ref)
     t.killed, t.at_s = r["killed"], r["at_s"]
