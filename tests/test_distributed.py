@@ -181,6 +181,18 @@ def test_two_ranks_exactly_once_and_resume(noisy_bundle, tmp_path):
     assert run_grid(noisy_bundle, tmp_path, worlds=[2], workers=[0, 2], epochs=2) > 0
 
 
+def test_resume_refuses_an_impossible_position(noisy_bundle):
+    from ddcodec.errors import DDCodecError
+    from ddcodec.loader import DistilledDataset
+    ds = DistilledDataset(noisy_bundle, batch_size=3)
+    good = ds.state_dict()
+    for bad in ({"batches": -1}, {"batches": len(ds) + 1}, {"epoch": -2}, {"epoch": 1.5}, {"batches": "2"}):
+        with pytest.raises(DDCodecError, match="valid position"):
+            ds.load_state_dict({**good, **bad})
+    ds.load_state_dict({**good, "batches": len(ds)})  # the end of an epoch is a valid position
+    assert list(ds) == []
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_fingerprints_bitwise_in_fresh_process_with_other_thread_counts(noisy_bundle, threads):
     """Fingerprints made in this process match bitwise in a fresh process with another intra-op thread count."""

@@ -894,6 +894,34 @@ def fuzz(inputs: int, seed: int, workdir: Path, timeout: float = 20.0, headroom_
     return summarise(results, rss0, peak_rss_mb(), time.time() - t0)
 
 
+REASONS = [  # (phrase in the message, reason); the first match wins
+    ("more data than its manifest declares", "shard over its manifest's byte budget"),
+    ("over its limit", "shard member over its size limit"), ("over the", "file over a size limit"),
+    ("non-regular member", "tar link/device/FIFO member"), ("unsafe member name", "tar ../ or absolute name"),
+    ("unexpected member", "unexpected tar member"), ("does not start with the bundle manifest", "shard without manifest first"),
+    ("appears twice", "duplicate item"), ("differs from the first shard", "shards of different bundles"),
+    ("is outside 0..", "item index out of range"), ("items (first missing", "missing items"),
+    ("content hash", "content hash mismatch"), ("not a readable tar", "unreadable tar"),
+    ("truncated inside", "truncated tar member"), ("cannot open shard", "cannot open shard"),
+    ("no manifest found", "no manifest in shards"), ("sha256 check", "sha256 mismatch"),
+    ("bytes but the manifest says", "size differs from manifest"), ("not UTF-8", "manifest not UTF-8"),
+    ("not valid JSON", "manifest not JSON"), ("format version", "unknown format version"),
+    ("not a ddcodec bundle manifest", "not a ddcodec manifest"), ("lone surrogate", "manifest string not Unicode"),
+    ("nested deeper", "manifest nested too deep"), ("malformed", "manifest schema violation"),
+    ("not valid zstd", "invalid zstd"), ("declares", "zstd frame size differs from manifest"),
+    ("decompresses to", "decompressed size differs from manifest"), ("safetensors", "invalid safetensors"),
+    ("the manifest says", "tensor dtype/shape differs from manifest"), ("holds tensors", "tensor names differ from manifest"),
+    ("class ids", "class ids out of range"), ("not a regular file", "payload/manifest not a regular file"),
+    ("is missing", "payload file missing"), ("has no manifest.json", "no manifest.json"), ("no bundle at", "no bundle"),
+    ("cannot read", "unreadable file"),
+]
+
+
+def reason(message: str) -> str:
+    """A short category for a refusal message."""
+    return next((r for phrase, r in REASONS if phrase in message), "other")
+
+
 def summarise(results: list[Outcome], rss0: float, rss1: float, wall: float) -> dict[str, Any]:
     by_family: dict[str, Counter] = {}
     for r in results:
@@ -903,6 +931,7 @@ def summarise(results: list[Outcome], rss0: float, rss1: float, wall: float) -> 
         "inputs": len(results),
         "outcomes": dict(Counter(r.outcome for r in results).most_common()),
         "by_family": {f: dict(c.most_common()) for f, c in sorted(by_family.items())},
+        "by_reason": dict(Counter(reason(r.message) for r in results if r.message).most_common()),
         "violations": [{"family": r.family, "outcome": r.outcome, "violation": r.violation} for r in results if r.violation],
         "max_seconds_per_input": round(slowest.seconds, 3), "slowest_family": slowest.family,
         "mean_seconds_per_input": round(sum(r.seconds for r in results) / max(1, len(results)), 4),
@@ -938,6 +967,7 @@ def main(argv: list[str] | None = None) -> int:
           f"peak RSS growth {figures['peak_rss_growth_mb']} MiB (bound {RSS_BOUND_MB})")
     for fam, c in figures["by_family"].items():
         print(f"  {fam:32s} " + ", ".join(f"{k} {v}" for k, v in c.items()))
+    print("refusals by reason: " + ", ".join(f"{k} {v}" for k, v in figures["by_reason"].items()))
     for v in figures["violations"][:20]:
         print(f"VIOLATION {v['family']}: {v['violation']}")
     ok = not figures["violations"] and figures["peak_rss_growth_mb"] < RSS_BOUND_MB

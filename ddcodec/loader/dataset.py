@@ -85,7 +85,12 @@ class DistilledDataset(IterableDataset):
             if key in state and state[key] != self.state_dict()[key]:
                 raise DDCodecError(f"cannot resume: saved {key} is {state[key]!r}, this loader has {self.state_dict()[key]!r}",
                                    "resume with the same bundle, world size, batch size and shuffle")
-        self.epoch, self._start, self._step = int(state["epoch"]), int(state["batches"]), int(state["batches"])
+        epoch, batches = state.get("epoch"), state.get("batches")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, batches)) \
+                or epoch < 0 or not 0 <= batches <= len(self):
+            raise DDCodecError(f"cannot resume: saved position epoch={epoch!r}, batches={batches!r} is not a valid "
+                               f"position (0..{len(self)} batches)", "pass a state saved by state_dict()")
+        self.epoch, self._start, self._step = epoch, batches, batches
 
     # regeneration ------------------------------------------------------------------------
     @property
