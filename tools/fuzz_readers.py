@@ -913,7 +913,7 @@ REASONS = [  # (phrase in the message, reason); the first match wins
     ("the manifest says", "tensor dtype/shape differs from manifest"), ("holds tensors", "tensor names differ from manifest"),
     ("class ids", "class ids out of range"), ("not a regular file", "payload/manifest not a regular file"),
     ("is missing", "payload file missing"), ("has no manifest.json", "no manifest.json"), ("no bundle at", "no bundle"),
-    ("cannot read", "unreadable file"),
+    ("cannot read", "unreadable file"), ("no shard URLs", "no shard URLs"), ("mis-shaped", "item rows mis-shaped"),
 ]
 
 
