@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import time
 from typing import Any, Callable, Iterator
 
 import torch
@@ -177,7 +179,22 @@ class TrackingLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         ds = self.dataset
         start = ds._start
+        if self.kwargs["num_workers"] > 0 and self.kwargs.get("multiprocessing_context") == "fork":
+            settle_feeder_threads()
         for k, batch in enumerate(DataLoader(ds, **self.kwargs)):
             ds._step = start + k + 1
             yield batch
         ds._start, ds._step = 0, 0
+
+
+def settle_feeder_threads(timeout: float = 2.0) -> None:
+    """Let queue feeder threads of finished DataLoaders exit before new workers are forked.
+
+    CPython before 3.12 (gh-112275) can fork while an exiting thread holds the runtime's thread-list
+    lock; the forked worker then hangs for ever. The feeder threads of a finished DataLoader's queues
+    exit right after it shuts down, so a new epoch's fork races them; waiting for them removes the race.
+    """
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t.name == "QueueFeederThread" and t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
