@@ -260,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _quiet()
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
+        args.argv = argv
         return int(args.func(args) or 0)
     except DDCodecError as e:
         print(f"ddcodec: error: {e}", file=sys.stderr)

@@ -48,6 +48,7 @@ from ddcodec.errors import DDCodecError
 
 ESCAPE = "/tmp/ddcodec-fuzz-escape"  # absolute tar member names point here; it must never appear
 RSS_BOUND_MB = 256
+MAX_MESSAGE = 1000  # characters; a one-line message stays readable even when it quotes hostile values
 
 
 # randomness: random.Random for the tool, hypothesis draws for the test ------------------------
@@ -813,6 +814,8 @@ def run_one(fam: str, src: Source, seeds: Seeds, case: Path, timeout: float = 20
                 outcome, message = type(e).__name__, str(e)
                 if len(message.splitlines()) != 1 or not message.strip():
                     violation = f"not a one-line message: {message!r}"
+                elif len(message) > MAX_MESSAGE:
+                    violation = f"a {len(message)}-character message: {message[:200]!r}"
                 message.encode("utf-8")
     except Hang:
         outcome, violation = "hang", f"no result within {timeout} s"

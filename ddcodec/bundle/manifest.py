@@ -41,7 +41,14 @@ def parse_manifest(data: bytes, where: str = "manifest.json") -> dict[str, Any]:
     return manifest
 
 
+def short(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: untrusted values never make an error message long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _fail(where: str, msg: str) -> BundleError:
+    msg = msg if len(msg) <= 240 else msg[:240] + "..."
     return BundleError(f"{where}: {msg}", "the manifest is malformed; re-encode or download the bundle again")
 
 
@@ -87,10 +94,10 @@ def validate(m: Any, where: str = "manifest.json") -> None:
     if depth > MAX_DEPTH:
         raise _fail(where, f"nested deeper than {MAX_DEPTH} levels")
     if m.get("format") != FORMAT:
-        raise BundleError(f"{where} is not a ddcodec bundle manifest (format={m.get('format')!r})", "point ddcodec at a bundle directory or its shards")
+        raise BundleError(f"{where} is not a ddcodec bundle manifest (format={short(m.get('format'))})", "point ddcodec at a bundle directory or its shards")
     version = _get(m, "version", int, where)
     if version != VERSION:
-        raise BundleError(f"{where} has format version {version}; this ddcodec reads version {VERSION}",
+        raise BundleError(f"{where} has format version {short(version, 20)}; this ddcodec reads version {VERSION}",
                           "upgrade ddcodec" if version > VERSION else "re-encode the bundle with this ddcodec")
     _get(m, "seed", int, where)
     if not 0 <= m["seed"] < 2**63:
@@ -117,23 +124,23 @@ def validate(m: Any, where: str = "manifest.json") -> None:
     count = _get(items, "count", int, where + " items")
     payload = _get(items, "payload", str, where + " items")
     if payload not in payloads:
-        raise _fail(where, f"items.payload '{payload}' is not among the payloads")
+        raise _fail(where, f"items.payload {short(payload)} is not among the payloads")
     tensors = payloads[payload]["tensors"]
     if "class_ids" not in tensors or tensors["class_ids"]["dtype"] != "int64":
         raise _fail(where, "the items payload must hold an int64 'class_ids' tensor")
     for key, spec in tensors.items():
         if not spec["shape"] or spec["shape"][0] != count:
-            raise _fail(where, f"items tensor '{key}' has shape {spec['shape']}, expected {count} rows")
+            raise _fail(where, f"items tensor {short(key)} has shape {short(spec['shape'])}, expected {count} rows")
     if count < 1:
         raise _fail(where, "a bundle needs at least one item")
     labels = _get(m, "labels", dict, where)
     kind = _get(labels, "kind", str, where + " labels")
     if kind not in ("hard", "soft"):
-        raise _fail(where, f"labels.kind must be 'hard' or 'soft', not {kind!r}")
+        raise _fail(where, f"labels.kind must be 'hard' or 'soft', not {short(kind)}")
     if kind == "soft":
         lp = _get(labels, "payload", str, where + " labels")
         if lp not in payloads:
-            raise _fail(where, f"labels.payload '{lp}' is not among the payloads")
+            raise _fail(where, f"labels.payload {short(lp)} is not among the payloads")
         _get(labels, "codec", dict, where + " labels")
     elif "codec" in labels:
         _get(labels, "codec", dict, where + " labels")
@@ -149,7 +156,7 @@ def validate(m: Any, where: str = "manifest.json") -> None:
         raise _fail(where, "generator.micro_batch must be in 1..4096")
     dtype = _get(gen, "dtype", str, where + " generator")
     if dtype not in ("float32", "float16", "bfloat16"):
-        raise _fail(where, f"generator.dtype {dtype!r} is not float32, float16 or bfloat16")
+        raise _fail(where, f"generator.dtype {short(dtype)} is not float32, float16 or bfloat16")
     fp = _get(m, "fingerprints", dict, where, optional=True)
     if fp is not None:
         entries = _get(fp, "entries", list, where + " fingerprints")
@@ -159,7 +166,7 @@ def validate(m: Any, where: str = "manifest.json") -> None:
                 raise _fail(where, "each fingerprint entry needs an in-range item, a variant and a sha256")
         fpp = _get(fp, "payload", str, where + " fingerprints", optional=True)
         if fpp is not None and (fpp not in payloads or "thumbnails" not in payloads[fpp]["tensors"]):
-            raise _fail(where, f"fingerprints.payload '{fpp}' is not among the payloads or has no thumbnails")
+            raise _fail(where, f"fingerprints.payload {short(fpp)} is not among the payloads or has no thumbnails")
         mb = _get(fp, "micro_batch", int, where + " fingerprints", optional=True)
         if mb is not None and not 1 <= mb <= 4096:
             raise _fail(where, "fingerprints.micro_batch must be in 1..4096")
@@ -171,7 +178,7 @@ def validate(m: Any, where: str = "manifest.json") -> None:
 def _validate_payload(name: Any, info: Any, where: str) -> None:
     w = f"{where} payload '{name}'"
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise _fail(where, f"payload name {name!r} is not a plain name")
+        raise _fail(where, f"payload name {short(name)} is not a plain name")
     if not isinstance(info, dict):
         raise _fail(w, "must be an object")
     if _get(info, "file", str, w) != name + SUFFIX:
@@ -188,9 +195,9 @@ def _validate_payload(name: Any, info: Any, where: str) -> None:
     for key, spec in tensors.items():
         if not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str) or spec["dtype"] not in DTYPES \
                 or not isinstance(spec.get("shape"), list):
-            raise _fail(w, f"tensor {key!r} needs a known dtype and a shape list")
+            raise _fail(w, f"tensor {short(key)} needs a known dtype and a shape list")
         if len(spec["shape"]) > 8 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 1 << 40 for d in spec["shape"]):
-            raise _fail(w, f"tensor {key!r} has an invalid shape {spec['shape']}")
+            raise _fail(w, f"tensor {short(key)} has an invalid shape {short(spec['shape'])}")
         n = DTYPES[spec["dtype"]].itemsize
         for d in spec["shape"]:
             n *= d

@@ -74,7 +74,7 @@ def decode_payload(data: bytes, info: dict[str, Any], where: str) -> dict[str, t
     try:
         tensors = safetensors.torch.load(raw)
     except Exception as e:  # safetensors raises several types for malformed headers
-        raise BundleError(f"{where} is not a valid safetensors payload ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+        raise BundleError(f"{where} is not a valid safetensors payload ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})",
                           "download the bundle again") from None
     check_tensors(tensors, info, where)
     return tensors

@@ -22,7 +22,7 @@ import webdataset as wds
 from ..errors import BundleError
 from .atomic import atomic_write_bytes
 from .bundle import Bundle, check_items, content_sha256
-from .manifest import MAX_MANIFEST_BYTES, parse_manifest
+from .manifest import MAX_MANIFEST_BYTES, parse_manifest, short
 from .payload import DTYPES, check_tensors
 
 MANIFEST_KEY = "bundle"
@@ -154,17 +154,17 @@ def iter_members(url: str, budget: _Budget | None = None,
                     continue
                 name = member.name
                 if not member.isreg():
-                    raise BundleError(f"shard {url} holds a non-regular member {name!r} (link or device)", "do not use this shard")
+                    raise BundleError(f"shard {url} holds a non-regular member {short(name)} (link or device)", "do not use this shard")
                 if name.startswith("/") or ".." in Path(name).parts:
-                    raise BundleError(f"shard {url} holds an unsafe member name {name!r}", "do not use this shard")
+                    raise BundleError(f"shard {url} holds an unsafe member name {short(name)}", "do not use this shard")
                 limit = max_size(name, index) if max_size else MAX_MEMBER_BYTES
                 if member.size > min(limit, MAX_MEMBER_BYTES):
-                    raise BundleError(f"shard {url} member {name!r} is {member.size} bytes, over its limit of "
+                    raise BundleError(f"shard {url} member {short(name)} is {member.size} bytes, over its limit of "
                                       f"{min(limit, MAX_MEMBER_BYTES)}", "do not use this shard")
                 f = tar.extractfile(member)
                 data = f.read() if f else b""
                 if len(data) != member.size:
-                    raise BundleError(f"shard {url} is truncated inside {name!r}", "download the shard again")
+                    raise BundleError(f"shard {url} is truncated inside {short(name)}", "download the shard again")
                 index += 1
                 yield name, data
     except BundleError:
@@ -220,7 +220,7 @@ class _Layout:
             return self.whole[ext[: -len(".safetensors")]] + MEMBER_SLACK
         if _ITEM.fullmatch(key) and ext == "item.safetensors":
             return self.row_bytes
-        raise BundleError(f"unexpected member {name!r} (not part of this bundle's shard layout)", "do not use this shard")
+        raise BundleError(f"unexpected member {short(name)} (not part of this bundle's shard layout)", "do not use this shard")
 
 
 def read_shards(urls: list[str]) -> Bundle:
@@ -240,7 +240,7 @@ def read_shards(urls: list[str]) -> Bundle:
         def max_size(name: str, index: int, url: str = url) -> int:
             if index == 0:
                 if name != f"{MANIFEST_KEY}.manifest.json":
-                    raise BundleError(f"shard {url} does not start with the bundle manifest (first member {name!r})",
+                    raise BundleError(f"shard {url} does not start with the bundle manifest (first member {short(name)})",
                                       "pass the shards written by 'ddcodec shard'")
                 return MAX_MANIFEST_BYTES if layout is None else len(layout.manifest_bytes)
             assert layout is not None

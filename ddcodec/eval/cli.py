@@ -13,9 +13,9 @@ from .students import STUDENTS
 from .train import LABEL_MODES, TrainConfig
 
 
-def command_line() -> str:
+def command_line(args: argparse.Namespace) -> str:
     """The command as typed: `ddcodec` plus the arguments."""
-    return shlex.join(["ddcodec", *sys.argv[1:]])
+    return shlex.join(["ddcodec", *getattr(args, "argv", sys.argv[1:])])
 
 
 def _threads(n: int | None) -> None:
@@ -69,7 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     src = args.bundle[0] if len(args.bundle) == 1 else args.bundle
     report = eval_bundle(src, args.student, args.test_data, cfg, _seeds(args), test_split=args.test_split,
                          test_limit=args.test_limit, cache_dir=args.cache_dir, memory_cache=not args.no_memory_cache,
-                         command=command_line())
+                         command=command_line(args))
     return _finish(report, args, report["bundle"]["source"])
 
 
@@ -80,7 +80,7 @@ def cmd_eval_real(args: argparse.Namespace) -> int:
     cfg = _config(args)
     report = eval_real(args.data, args.student, cfg, _seeds(args), ipc=args.ipc, subset_seed=args.subset_seed,
                        split=args.split, test_data=args.test_data, test_split=args.test_split,
-                       test_limit=args.test_limit, image_size=args.image_size, command=command_line())
+                       test_limit=args.test_limit, image_size=args.image_size, command=command_line(args))
     what = f"{args.data} ({'all' if args.ipc is None else f'IPC {args.ipc} random'} {args.split} images)"
     return _finish(report, args, what)
 
@@ -91,7 +91,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     _threads(args.threads)
     src = args.bundle[0] if len(args.bundle) == 1 else args.bundle
     index = export_ddranking(src, args.out, epochs=args.epochs, device=args.device, batch_size=args.batch_size,
-                             stats=args.stats, overwrite=args.overwrite, command=command_line())
+                             stats=args.stats, overwrite=args.overwrite, command=command_line(args))
     files = sorted({e["file"] for e in index["epochs"]})
     print(f"wrote {args.out}: {len(files)} file(s) for {len(index['epochs'])} epoch(s), {index['items']} images "
           f"normalised with {index['normalization']['stats']} statistics; see {args.out}/README.md")

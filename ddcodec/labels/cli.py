@@ -190,7 +190,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise DDCodecError(f"{out} already exists", "choose another --out or pass --overwrite")
     finetune(args.name, args.data, args.epochs, out, args.lr, args.batch_size, args.weight_decay, args.seed,
              args.device, args.weights, args.eval_split, args.eval_limit,
-             command="ddcodec teacher " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+             command=shlex.join(["ddcodec", *getattr(args, "argv", sys.argv[1:])]))
     return 0
 
 
