@@ -6,13 +6,13 @@ from .errors import BundleError, DDCodecError, GeneratorError  # noqa: E402
 
 
 def __getattr__(name: str):  # lazy: importing ddcodec stays fast for the CLI
-    if name == "DistilledDataset":
-        from .loader import DistilledDataset
-        return DistilledDataset
+    if name in ("DistilledDataset", "StreamingDistilledDataset"):
+        from . import loader
+        return getattr(loader, name)
     if name == "Bundle":
         from .bundle import Bundle
         return Bundle
     raise AttributeError(name)
 
 
-__all__ = ["Bundle", "DistilledDataset", "DDCodecError", "BundleError", "GeneratorError", "__version__"]
+__all__ = ["Bundle", "DistilledDataset", "StreamingDistilledDataset", "DDCodecError", "BundleError", "GeneratorError", "__version__"]

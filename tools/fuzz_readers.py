@@ -558,11 +558,15 @@ def shard_flip_member(src: Source, seeds: Seeds, case: Path) -> list[str]:
     return write_shard_set(case, blobs)
 
 
+def _first_item(members: list[Any]) -> int:
+    return next(i for i, (name, _) in enumerate(members) if name.startswith("item-"))
+
+
 @family
 def shard_hostile_member(src: Source, seeds: Seeds, case: Path) -> list[str]:
     """A hostile member inserted into a shard: ../ and absolute names, links, devices, FIFOs, duplicates."""
     members: list[Any] = _shard_members(seeds, 0)
-    item = members[2]
+    item = members[_first_item(members)]
     kind = src.randint(0, 13)
     evil: Any
     if kind == 0:
@@ -649,7 +653,7 @@ def shard_hostile_manifest(src: Source, seeds: Seeds, case: Path) -> list[str]:
 def shard_hostile_rows(src: Source, seeds: Seeds, case: Path) -> list[str]:
     """Item rows with the wrong dtype, shape, extra or missing keys, or hostile safetensors headers."""
     members = _shard_members(seeds, 0)
-    j = src.randint(2, len(members) - 1)
+    j = src.randint(_first_item(members), len(members) - 1)
     rows = safetensors.torch.load(members[j][1])
     kind = src.randint(0, 5)
     if kind == 0:

@@ -1,4 +1,4 @@
-"""Webdataset shards of a bundle: one sample per item, the manifest in every shard."""
+"""Webdataset shards of a bundle: one sample per item, the manifest and a shard index in every shard."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import tarfile
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
+
+import hashlib
 
 import braceexpand
 import safetensors.torch
@@ -30,6 +32,14 @@ MAX_MEMBER_BYTES = 256 << 20
 MEMBER_SLACK = 4096        # tar header, a possible pax header and padding, per member
 HEAD_SLACK = 64 << 10      # end-of-archive blocks and tarfile's read-ahead, per shard
 _ITEM = re.compile(r"item-[0-9]{9,18}")
+CURL_EXITS = {6: " (unknown host)", 7: " (connection refused)", 22: " (HTTP error, e.g. 404 not found)", 28: " (timed out)"}
+INDEX_BYTES = 256, 80      # bound on bundle.shard.json: fixed part, plus per item of the shard
+
+
+def shard_index(shard: int, shards: int, first: int, digests: list[str]) -> bytes:
+    """The `bundle.shard.json` member: where this shard sits and the sha256 of each item member it holds."""
+    return json.dumps({"shard": shard, "shards": shards, "first": first, "count": len(digests),
+                       "sha256": digests}).encode()
 
 
 def item_payload_names(manifest: dict) -> list[str]:
@@ -51,16 +61,20 @@ def write_shards(bundle: Bundle, out: str | os.PathLike, items_per_shard: int = 
     whole = {name: t for name, t in bundle.payloads.items() if name not in split}
     manifest_bytes = json.dumps(bundle.manifest, indent=2).encode()
     paths = []
-    for s, start in enumerate(range(0, bundle.num_items, items_per_shard)):
+    starts = range(0, bundle.num_items, items_per_shard)
+    for s, start in enumerate(starts):
+        ids = range(start, min(start + items_per_shard, bundle.num_items))
+        members = [safetensors.torch.save({f"{name}/{k}": t[i:i + 1].contiguous()
+                                           for name in split for k, t in bundle.payloads[name].items()}) for i in ids]
         buf = io.BytesIO()
         with wds.TarWriter(buf, encoder=False, mtime=0.0) as sink:
-            head = {"__key__": MANIFEST_KEY, "manifest.json": manifest_bytes}
+            head = {"__key__": MANIFEST_KEY, "manifest.json": manifest_bytes,
+                    "shard.json": shard_index(s, len(starts), start, [hashlib.sha256(m).hexdigest() for m in members])}
             for name, tensors in whole.items():
                 head[f"{name}.safetensors"] = safetensors.torch.save(tensors)
             sink.write(head)
-            for i in range(start, min(start + items_per_shard, bundle.num_items)):
-                rows = {f"{name}/{k}": t[i:i + 1].contiguous() for name in split for k, t in bundle.payloads[name].items()}
-                sink.write({"__key__": f"item-{i:09d}", "item.safetensors": safetensors.torch.save(rows)})
+            for i, member in zip(ids, members):
+                sink.write({"__key__": f"item-{i:09d}", "item.safetensors": member})
         path = out / f"shard-{s:06d}.tar"
         atomic_write_bytes(path, buf.getvalue())
         paths.append(path)
@@ -170,6 +184,12 @@ def iter_members(url: str, budget: _Budget | None = None,
     except BundleError:
         raise
     except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as e:
+        status = re.search(r"\): exit (-?\d+) ", str(e)) if isinstance(e, OSError) else None
+        if status:  # webdataset's Pipe: the download (curl) or pipe: command failed
+            code = int(status.group(1))
+            why = CURL_EXITS.get(code, "") if url.split(":", 1)[0] in ("http", "https") else ""
+            raise BundleError(f"shard {url} could not be read: the command exited with status {code}{why}",
+                              "check that the shard exists and the URL or command is right") from None
         raise BundleError(f"shard {url} is not a readable tar ({type(e).__name__}: {str(e)[:80]})", "download the shard again") from None
     finally:
         try:
@@ -209,13 +229,16 @@ class _Layout:
         keys = [f"{name}/{k}" for name in self.split for k in manifest["payloads"][name]["tensors"]]
         self.row_bytes = sum(_nbytes(spec) // max(1, spec["shape"][0]) for name in self.split
                              for spec in manifest["payloads"][name]["tensors"].values()) + _st_overhead(keys)
-        per_shard = len(manifest_bytes) + sum(self.whole.values()) + (len(self.whole) + 1) * MEMBER_SLACK + HEAD_SLACK
-        self.total = shards * per_shard + self.n * (self.row_bytes + MEMBER_SLACK)
+        per_shard = (len(manifest_bytes) + INDEX_BYTES[0] + sum(self.whole.values()) + (len(self.whole) + 2) * MEMBER_SLACK
+                     + HEAD_SLACK)
+        self.total = shards * per_shard + self.n * (self.row_bytes + INDEX_BYTES[1] + MEMBER_SLACK)
 
     def max_size(self, name: str) -> int:
         key, _, ext = name.partition(".")
         if key == MANIFEST_KEY and ext == "manifest.json":
             return len(self.manifest_bytes)
+        if key == MANIFEST_KEY and ext == "shard.json":
+            return INDEX_BYTES[0] + INDEX_BYTES[1] * self.n
         if key == MANIFEST_KEY and ext.endswith(".safetensors") and ext[: -len(".safetensors")] in self.whole:
             return self.whole[ext[: -len(".safetensors")]] + MEMBER_SLACK
         if _ITEM.fullmatch(key) and ext == "item.safetensors":
@@ -259,6 +282,8 @@ def read_shards(urls: list[str]) -> Bundle:
                 elif data != layout.manifest_bytes:
                     raise BundleError(f"{where} differs from the first shard's manifest (shards of different bundles?)",
                                       "pass the shards of one bundle")
+            elif key == MANIFEST_KEY and ext == "shard.json":
+                pass  # the streaming reader's index; the content hashes below check the items here
             elif key == MANIFEST_KEY:
                 whole[ext[: -len(".safetensors")]] = _load_st(data, where)
             else:
@@ -291,3 +316,131 @@ def read_shards(urls: list[str]) -> Bundle:
                               "download the shards again")
     check_items(manifest, payloads, f"shards starting {urls[0]}")
     return Bundle(manifest, payloads, source=urls[0] if len(urls) == 1 else f"{urls[0]} (+{len(urls) - 1} shards)")
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class ShardReader:
+    """One shard read as a stream: its head (manifest and index) on opening, then `items()` one by one.
+
+    With `manifest_bytes` and `position` it checks that the shard belongs to that bundle and sits at that
+    place in the shard list; each item member is checked against the digest the shard's index lists.
+    """
+
+    def __init__(self, url: str, manifest_bytes: bytes | None = None, position: int | None = None) -> None:
+        self.url = url
+        self.layout: _Layout | None = None
+        self.index: dict[str, Any] | None = None
+        self._budget = _Budget()
+        self._members = iter_members(url, self._budget, self._max_size)
+        self._pending: tuple[str, bytes] | None = None
+        for name, data in self._members:
+            key, _, ext = name.partition(".")
+            if self.layout is None:
+                if manifest_bytes is not None and data != manifest_bytes:
+                    self.close()
+                    raise BundleError(f"shard {url} holds another bundle's manifest (shards of different bundles?)",
+                                      "pass the shards of one bundle")
+                self.layout = _Layout(parse_manifest(data, f"shard {url} member {name}"), data, 1)
+                self._budget.allow(self.layout.total)
+            elif key == MANIFEST_KEY and ext == "shard.json":
+                self.index = self._parse_index(data, position)
+            elif key != MANIFEST_KEY:
+                self._pending = (name, data)
+                break
+        if self.layout is None or self.index is None:
+            self.close()
+            raise BundleError(f"shard {url} has no {'manifest' if self.layout is None else 'shard index (bundle.shard.json)'}",
+                              "re-shard the bundle with this ddcodec ('ddcodec shard')")
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        assert self.layout is not None
+        return self.layout.manifest
+
+    @property
+    def manifest_bytes(self) -> bytes:
+        assert self.layout is not None
+        return self.layout.manifest_bytes
+
+    def _max_size(self, name: str, index: int) -> int:
+        if index == 0:
+            if name != f"{MANIFEST_KEY}.manifest.json":
+                raise BundleError(f"shard {self.url} does not start with the bundle manifest (first member {short(name)})",
+                                  "pass the shards written by 'ddcodec shard'")
+            return MAX_MANIFEST_BYTES
+        assert self.layout is not None
+        try:
+            return self.layout.max_size(name)
+        except BundleError as e:
+            raise BundleError(f"shard {self.url}: {e}") from None
+
+    def _parse_index(self, data: bytes, position: int | None) -> dict[str, Any]:
+        assert self.layout is not None
+        n, where = self.layout.n, f"shard {self.url} index"
+        try:
+            index = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise BundleError(f"{where} is not valid JSON", "download the shard again") from None
+        ints = ("shard", "shards", "first", "count")
+        if not isinstance(index, dict) or not all(isinstance(index.get(k), int) and not isinstance(index.get(k), bool)
+                                                  for k in ints) or not isinstance(index.get("sha256"), list):
+            raise BundleError(f"{where} lacks shard/shards/first/count/sha256", "re-shard the bundle")
+        if not (0 <= index["shard"] < index["shards"] <= n and 0 <= index["first"] and 1 <= index["count"]
+                and index["first"] + index["count"] <= n and len(index["sha256"]) == index["count"]
+                and all(isinstance(d, str) and _HEX64.fullmatch(d) for d in index["sha256"])):
+            raise BundleError(f"{where} is inconsistent with the bundle's {n} items", "re-shard the bundle")
+        if position is not None and index["shard"] != position:
+            raise BundleError(f"shard {self.url} is shard {index['shard']} of its bundle, but was listed at position "
+                              f"{position}", "list the shards in order, all of them: 'shard-{000000..NNNNNN}.tar'")
+        return index
+
+    def items(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """(item id, rows keyed 'payload/tensor') of every item in the shard, each checked against the index."""
+        assert self.index is not None
+        first, count, digests = self.index["first"], self.index["count"], self.index["sha256"]
+        seen: set[int] = set()
+        members = self._members if self._pending is None else _chain([self._pending], self._members)
+        self._pending = None
+        for name, data in members:
+            key, _, ext = name.partition(".")
+            if key == MANIFEST_KEY:
+                continue
+            i, where = int(key[5:]), f"shard {self.url} member {name}"
+            if not first <= i < first + count or i in seen:
+                raise BundleError(f"{where}: item {i} is not listed in the shard's index, or appears twice", "do not use this shard")
+            if hashlib.sha256(data).hexdigest() != digests[i - first]:
+                raise BundleError(f"{where} fails its digest (corrupted shard)", "download the shard again")
+            seen.add(i)
+            yield i, self._check_rows(_load_st(data, where), where)
+        if len(seen) != count:
+            raise BundleError(f"shard {self.url} holds {len(seen)} of the {count} items its index lists (truncated?)",
+                              "download the shard again")
+
+    def _check_rows(self, rows: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+        """Refuse rows whose names, dtypes or shapes differ from the manifest's, or out-of-range class ids."""
+        m = self.manifest
+        for name in self.layout.split:
+            for k, spec in m["payloads"][name]["tensors"].items():
+                t = rows.get(f"{name}/{k}")
+                if t is None or t.dtype != DTYPES[spec["dtype"]] or list(t.shape) != [1, *spec["shape"][1:]]:
+                    raise BundleError(f"{where}: row '{name}/{k}' is missing or mis-shaped", "re-shard the bundle")
+        if len(rows) != sum(len(m["payloads"][name]["tensors"]) for name in self.layout.split):
+            raise BundleError(f"{where} holds rows the manifest does not declare", "do not use this shard")
+        check_items(m, {m["items"]["payload"]: {"class_ids": rows[f"{m['items']['payload']}/class_ids"]}}, where)
+        return rows
+
+    def close(self) -> None:
+        self._members.close()
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _chain(*parts: Iterable[Any]) -> Iterator[Any]:
+    for part in parts:
+        yield from part

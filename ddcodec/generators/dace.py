@@ -36,7 +36,7 @@ class PatchesPipeline(RegenerationPipeline):
     """Stored uint8 `pixels`, resized (bicubic) to the bundle's image size when they differ; no diffusion."""
 
     def generate(self, ids: list[int], variant: int) -> torch.Tensor:
-        return self.upsample(self.items["pixels"][ids]).float()
+        return self.upsample(self.rows("pixels", ids)).float()
 
 
 @register_pipeline("dace")
@@ -48,6 +48,8 @@ class DacePipeline(RegenerationPipeline):
     rho = t'/T; denoise in `steps` scheduler steps; decode. Params: rho, steps, guidance_scale,
     negative_prompt, mixup (probability that a variant is mixed), gamma_min (gamma ~ U[gamma_min, 1)).
     """
+
+    streamable = False  # the mixup partner may sit in another shard
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -77,8 +77,8 @@ class LD3MPipeline(RegenerationPipeline):
         self.prediction = str(self.spec["scheduler"].get("config", {}).get("prediction_type", "epsilon"))
 
     def generate(self, ids: list[int], variant: int) -> torch.Tensor:
-        z = self.items["latents"][ids].to(self.device, self.dtype)
-        c = self.items["cond"][ids].to(self.device, self.dtype)
+        z = self.rows("latents", ids).to(self.device, self.dtype)
+        c = self.rows("cond", ids).to(self.device, self.dtype)
         return self.forward(z, c, self.class_ids(ids), ids, variant, grad=False)
 
     # the reverse process, shared by regeneration and distillation ---------------------------

@@ -67,14 +67,18 @@ class RegenerationPipeline:
     """Base class: holds the prior, the bundle's item tensors and the generation parameters."""
 
     name = "base"
+    streamable = True  # an item's image needs only its own rows, so a reader of some shards can regenerate it
 
     def __init__(self, prior: LatentPrior, spec: dict[str, Any], items: dict[str, torch.Tensor],
                  prompts: list[str], seed: int, image_size: tuple[int, int], device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, micro_batch: int | None = None) -> None:
+                 dtype: torch.dtype | None = None, micro_batch: int | None = None,
+                 item_ids: list[int] | None = None) -> None:
         self.prior = prior
         self.spec = spec
         self.params = dict(spec.get("params", {}))
         self.items = items
+        # global item id -> row of `items`, when `items` holds only some items' rows (a shard stream)
+        self.row_of = None if item_ids is None else {int(i): r for r, i in enumerate(item_ids)}
         self.prompts = prompts
         self.seed = seed
         self.image_size = tuple(image_size)
@@ -102,8 +106,12 @@ class RegenerationPipeline:
         raise NotImplementedError
 
     # shared steps -------------------------------------------------------------------------
+    def rows(self, key: str, ids: list[int]) -> torch.Tensor:
+        """The `key` rows of items `ids` (global item ids)."""
+        return self.items[key][ids if self.row_of is None else [self.row_of[i] for i in ids]]
+
     def class_ids(self, ids: list[int]) -> torch.Tensor:
-        return self.items["class_ids"][ids].to(self.device)
+        return self.rows("class_ids", ids).to(self.device)
 
     def condition(self, ids: list[int]) -> dict[str, torch.Tensor]:
         """Denoiser kwargs: a per-item 'cond' tensor when the bundle has one, else the class's."""
@@ -111,7 +119,7 @@ class RegenerationPipeline:
         kwargs = self.prior.conditioner.condition(class_ids, [self.prompts[c] for c in class_ids.tolist()],
                                                   **self.size_kwargs())
         if "cond" in self.items:
-            kwargs["encoder_hidden_states"] = self.items["cond"][ids].to(self.device, self.dtype)
+            kwargs["encoder_hidden_states"] = self.rows("cond", ids).to(self.device, self.dtype)
         return {k: _cast(v, self.dtype) for k, v in kwargs.items()}
 
     def size_kwargs(self) -> dict[str, Any]:
@@ -127,9 +135,9 @@ class RegenerationPipeline:
     def start_latents(self, ids: list[int]) -> torch.Tensor | None:
         """z0 for img2img: stored latents, or stored pixels encoded by the VAE; None for pure sampling."""
         if "latents" in self.items:
-            return self.items["latents"][ids].to(self.device, self.dtype).contiguous()
+            return self.rows("latents", ids).to(self.device, self.dtype).contiguous()
         if "pixels" in self.items:
-            return self.prior.encode(self.upsample(self.items["pixels"][ids])).to(self.dtype)
+            return self.prior.encode(self.upsample(self.rows("pixels", ids))).to(self.dtype)
         return None
 
     def upsample(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -248,8 +256,11 @@ def check_weights(prior: LatentPrior, expected: dict[str, str], allow_different_
 
 def build_pipeline(manifest: dict[str, Any], items: dict[str, torch.Tensor], device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None, micro_batch: int | None = None, prior: LatentPrior | None = None,
-                   allow_different_weights: bool = False) -> RegenerationPipeline:
-    """The pipeline a manifest names, with its prior loaded and its weights checked."""
+                   allow_different_weights: bool = False, item_ids: list[int] | None = None) -> RegenerationPipeline:
+    """The pipeline a manifest names, with its prior loaded and its weights checked.
+
+    `item_ids` names the items whose rows `items` holds, when it holds only some (a shard stream).
+    """
     gen = manifest["generator"]
     cls = PIPELINES.get(gen["pipeline"])
     if cls is None:
@@ -260,8 +271,11 @@ def build_pipeline(manifest: dict[str, Any], items: dict[str, torch.Tensor], dev
                              "upgrade ddcodec; known pipelines: " + ", ".join(sorted(PIPELINES)))
     prior = prior or get_prior(gen["model"], len(manifest["classes"]["names"]))
     check_weights(prior, gen["model"]["components"], allow_different_weights)
+    if item_ids is not None and not cls.streamable:
+        raise GeneratorError(f"the {gen['pipeline']!r} pipeline mixes items across shards, so it cannot regenerate "
+                             "from some shards alone", "read the whole bundle: DistilledDataset(urls) rather than streaming")
     return cls(prior, gen, items, manifest["classes"]["prompts"], manifest["seed"], tuple(manifest["image"]["size"]),
-               device=device, dtype=dtype, micro_batch=micro_batch)
+               device=device, dtype=dtype, micro_batch=micro_batch, item_ids=item_ids)
 
 
 def _load_plugins() -> None:

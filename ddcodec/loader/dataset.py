@@ -125,17 +125,8 @@ class DistilledDataset(IterableDataset):
 
     def labels(self, ids: torch.Tensor, variant: int, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(soft, hard) labels for these items at this variant."""
-        hard = self.bundle.items["class_ids"][ids]
-        if self.online_teacher is not None:
-            with torch.no_grad():
-                soft = torch.softmax(self.online_teacher(images).float() / self.teacher_temperature, -1)
-            return soft.to(images.device), hard.to(images.device)
-        lab = self.bundle.manifest["labels"]
-        if lab["kind"] == "soft":
-            soft = decode_soft_labels(self.bundle.labels, lab["codec"], ids, variant)
-        else:
-            soft = one_hot(hard, self.bundle.num_classes)
-        return soft.to(images.device), hard.to(images.device)
+        return batch_labels(self.bundle.manifest, self.bundle.labels, self.bundle.items["class_ids"], ids, variant, images,
+                            self.online_teacher, self.teacher_temperature)
 
     def batches(self) -> list[torch.Tensor]:
         """This rank's item-id batches for the current epoch."""
@@ -162,6 +153,24 @@ class DistilledDataset(IterableDataset):
     def loader(self, num_workers: int = 0, **kwargs: Any) -> "TrackingLoader":
         """A DataLoader over this dataset that keeps state_dict() exact with workers."""
         return TrackingLoader(self, num_workers=num_workers, **kwargs)
+
+
+def batch_labels(manifest: dict[str, Any], label_rows: dict[str, torch.Tensor] | None, class_ids: torch.Tensor,
+                 rows: torch.Tensor, variant: int, images: torch.Tensor,
+                 online_teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(soft, hard) labels of `rows`: the online teacher's, the stored soft labels, or one-hot class ids."""
+    hard = class_ids[rows]
+    if online_teacher is not None:
+        with torch.no_grad():
+            soft = torch.softmax(online_teacher(images).float() / temperature, -1)
+        return soft.to(images.device), hard.to(images.device)
+    lab = manifest["labels"]
+    if lab["kind"] == "soft":
+        soft = decode_soft_labels(label_rows, lab["codec"], rows, variant)
+    else:
+        soft = one_hot(hard, len(manifest["classes"]["names"]))
+    return soft.to(images.device), hard.to(images.device)
 
 
 class TrackingLoader:
