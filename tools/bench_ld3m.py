@@ -65,7 +65,7 @@ def main() -> None:
     gen, obj, step = [], [], []
     for it in range(a.iterations + 1):
         images, w1, c1 = timed(lambda: d.render(0))
-        _, w2, c2 = timed(lambda: d.objective(d.network(it), images, it).backward())
+        _, w2, c2 = timed(lambda: d.objective(d.network(it), images, it)[0].backward())
         _, w3, c3 = timed(d.step)
         if it:  # skip warm-up
             gen.append((w1, c1))

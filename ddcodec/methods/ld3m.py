@@ -23,6 +23,7 @@ from ..generators.ld3m import LD3MPipeline, round_to
 from ..generators.pipelines import build_pipeline
 from ..generators.prior import LatentPrior, load_prior
 from ..labels import softlabels
+from ..parallel import init_from_env, is_main
 from .checkpoint import WorkDir
 from .common import (check_class_sizes, class_indices, default_prompts, encode_latents, generator_record, image_size,
                      load_images, option, pick_random, seeded_subset, work_params)
@@ -125,6 +126,14 @@ class Distiller:
         self.ids = list(range(len(self.z)))
         self.num_classes = len(real)
         self.members = [torch.nonzero(self.class_ids == k).flatten() for k in range(self.num_classes)]
+        # DM is a sum of independent per-class terms against a frozen network, so torchrun ranks split the
+        # classes (class k on rank k mod world) and get the same codes as one process. DC trains one network
+        # on all classes between steps; every rank then runs the whole optimisation.
+        self.rank, self.world = init_from_env() if cfg.loss == "dm" else (0, 1)
+        self.classes = list(range(self.rank, self.num_classes, self.world))
+        self.mine = [i for i in self.ids if int(self.class_ids[i]) % self.world == self.rank]
+        where = {i: p for p, i in enumerate(self.mine)}
+        self.local = {k: torch.tensor([where[int(i)] for i in self.members[k]], dtype=torch.long) for k in self.classes}
         self.real = real
         self.ops = parse_strategy(cfg.dsa)
         groups = [{"params": [self.z], "lr": cfg.lr_z}, {"params": [self.c], "lr": cfg.lr_c}]
@@ -142,8 +151,8 @@ class Distiller:
         return round_to(self.z, CODE_DTYPE), round_to(self.c, CODE_DTYPE)
 
     def render(self, variant: int, ids: list[int] | None = None, grad: bool = True) -> torch.Tensor:
-        """Images of items `ids` (all by default) at `variant`, by the optimisation's own path."""
-        ids = self.ids if ids is None else ids
+        """Images of items `ids` (this rank's by default) at `variant`, by the optimisation's own path."""
+        ids = self.mine if ids is None else ids
         z, c = self.codes()
         rows = torch.tensor(ids, device=self.device)
         return self.pipe.forward_batched(z[rows], c[rows], ids, variant, grad=grad)
@@ -161,24 +170,48 @@ class Distiller:
             self.net = seeded_convnet(derive_seed(self.seed, start, 0, "ld3m-net"), self.num_classes, size, self.device)
         return self.net
 
-    def objective(self, net: ConvNet, images: torch.Tensor, it: int) -> torch.Tensor:
-        """Sum over classes of the DM or DC loss against a seeded real batch, with a shared DSA draw per class."""
+    def objective(self, net: ConvNet, images: torch.Tensor, it: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """(sum, per-class terms) of the DM or DC loss of this rank's classes against seeded real batches, with a
+        shared DSA draw per class; `images` are this rank's items."""
         loss = images.new_zeros(())
-        for k in range(self.num_classes):
+        terms = {}
+        for k in self.classes:
             g = torch.Generator().manual_seed(derive_seed(self.seed, it, k, "ld3m-batch"))
             pool = self.real[k]
             real = pool[torch.randperm(len(pool), generator=g)[:self.cfg.batch_real]].to(self.device).float() / 255
             aug = Augmentation.sample(self.ops, g, self.pipe.image_size)
-            r, s = aug(normalize(real)), aug(normalize(images[self.members[k]]))
-            loss = loss + (dm_class_loss(net, r, s) if self.cfg.loss == "dm" else dc_class_loss(net, r, s, k))
-        return loss
+            r, s = aug(normalize(real)), aug(normalize(images[self.local[k].to(images.device)]))
+            terms[k] = dm_class_loss(net, r, s) if self.cfg.loss == "dm" else dc_class_loss(net, r, s, k)
+            loss = loss + terms[k]
+        return loss, terms
+
+    def total(self, terms: dict[int, torch.Tensor]) -> float:
+        """The loss over all classes, summed in class order (the same figure on any number of ranks)."""
+        per_class = torch.zeros(self.num_classes, dtype=torch.float64)
+        for k, v in terms.items():
+            per_class[k] = float(v.detach())
+        if self.world > 1:
+            torch.distributed.all_reduce(per_class)  # each class is non-zero on exactly one rank: exact
+        return sum(per_class.tolist())
+
+    def gather(self) -> None:
+        """Every rank gets every class's codes from the rank that optimised them."""
+        if self.world == 1:
+            return
+        for p in (self.z, self.c):
+            parts = [torch.empty_like(p.data) for _ in range(self.world)]
+            torch.distributed.all_gather(parts, p.data.contiguous())
+            with torch.no_grad():
+                for k in range(self.num_classes):
+                    rows = self.members[k]
+                    p[rows] = parts[k % self.world][rows]
 
     def step(self) -> float:
         """One optimisation step on Z and c (all classes jointly, as the paper); returns the loss."""
         it, t0 = self.iteration, time.perf_counter()
         net = self.network(it)
         images = self.render(it % self.cfg.variants)  # the generator runs oneDNN-free (bitwise); the ConvNet need not
-        loss = self.objective(net, images, it)
+        loss, terms = self.objective(net, images, it)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -189,7 +222,7 @@ class Distiller:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.iteration += 1
-        self.losses.append(float(loss.detach()))
+        self.losses.append(self.total(terms))
         self.seconds.append(time.perf_counter() - t0)
         return self.losses[-1]
 
@@ -197,7 +230,7 @@ class Distiller:
         """The loss of the current codes under iteration 0's fresh network, batches and augmentation (a fixed yardstick)."""
         images = self.render(0, grad=False)
         with torch.enable_grad():
-            return float(self.objective(self.network(0, fresh=True), images, 0).detach())
+            return self.total(self.objective(self.network(0, fresh=True), images, 0)[1])
 
     # resumable state ----------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
@@ -235,19 +268,21 @@ class Distiller:
 
     def run(self, work: WorkDir, label: str = "ld3m") -> None:
         """Optimise to cfg.iterations, saving state every checkpoint_every iterations; resumes from `work`."""
-        saved = work.get("ld3m-state")
+        key = "ld3m-state" if self.world == 1 else f"ld3m-state-r{self.rank}of{self.world}"
+        saved = work.get(key)
         if saved is not None:
             self.load_state(saved)
         if self.probe_start is None:
             self.probe_start = self.probe()
         every = max(1, self.cfg.checkpoint_every)
-        with tqdm(total=self.cfg.iterations, initial=self.iteration, desc=label, unit="it") as bar:
+        with tqdm(total=self.cfg.iterations, initial=self.iteration, desc=label, unit="it", disable=self.rank != 0) as bar:
             while self.iteration < self.cfg.iterations:
                 loss = self.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4g}", step_s=f"{self.seconds[-1]:.2f}")
                 if self.iteration % every == 0 or self.iteration == self.cfg.iterations:
-                    work.put("ld3m-state", self.state())
+                    work.put(key, self.state())
+        self.gather()
 
 
 def config_from_args(args: Any, ipc: int, size: tuple[int, int], variants: int) -> Config:
@@ -381,6 +416,8 @@ def encode(args: Any) -> tuple[Bundle, Distiller]:
           f"({len(z)} codes, T={gen_params['steps']}, {cfg.loss}); optimised vs regenerated max |diff| "
           f"{params['regeneration_check']['max_abs_diff']:.3g}")
     manifest, payloads = softlabels.attach_labels(manifest, payloads, labels, teacher, prior, work, device)
+    if not is_main():
+        return None, distiller
     bundle = write_bundle(args.out, manifest, payloads, overwrite=args.overwrite, prior=prior)
     work.done()
     return bundle, distiller
