@@ -8,7 +8,7 @@ timed too, as the alternative use of the same cores. Runs alternate configuratio
 repeat, so drift on a noisy machine hits all of them alike; the figures are min/median/max and
 speed-ups of medians.
 
-    python tools/bench_scaling.py --procs 1 2 --repeats 3 --json docs/results/scaling.json
+    python tools/bench_scaling.py --procs 1 2 --repeats 2 --json docs/results/scaling.json
 """
 
 from __future__ import annotations
@@ -99,10 +99,12 @@ def main() -> int:
     p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--generator", default="builtin:default")
     p.add_argument("--batch-size", type=int, default=32, help="decode batch size per rank")
+    p.add_argument("--encode-args", default="--candidates 30 --variants 2 --steps 4",
+                   help="more `ddcodec encode` arguments (default: 30 candidates per class, 2 labelled variants, 4 img2img steps)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     enc = ["encode", "--method", a.method, "--data", "sample:cifar10", "--ipc", str(a.ipc), "--generator", a.generator,
-           "--seed", "0"]
+           "--seed", "0", *a.encode_args.split()]
     configs = [(n, a.threads) for n in a.procs] + [(1, max(a.procs) * a.threads)]
     times: dict[str, dict[str, list[float]]] = {"encode": {}, "decode": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,7 +126,8 @@ def main() -> int:
     base = f"1x{a.threads}"
     result: dict[str, Any] = {
         "command": "python tools/bench_scaling.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_at_end": os.getloadavg()},
         "encode_command": "ddcodec " + " ".join(enc), "bundle_items": items, "variants": variants,
         "configs": "PROCSxTHREADS", "seconds": {k: {c: summary(v) for c, v in d.items()} for k, d in times.items()},
         "speedup_vs_" + base: {k: {c: statistics.median(d[base]) / statistics.median(v) for c, v in d.items()}
