@@ -185,6 +185,11 @@ def iter_members(url: str, budget: _Budget | None = None,
         raise
     except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as e:
         status = re.search(r"\): exit (-?\d+) ", str(e)) if isinstance(e, OSError) else None
+        if status is None:  # a failed download often reads as an empty tar first; the exit status comes on close
+            try:
+                stream.close()
+            except OSError as closing:
+                status = re.search(r"\): exit (-?\d+) ", str(closing))
         if status:  # webdataset's Pipe: the download (curl) or pipe: command failed
             code = int(status.group(1))
             why = CURL_EXITS.get(code, "") if url.split(":", 1)[0] in ("http", "https") else ""
