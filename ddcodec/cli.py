@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
@@ -19,6 +20,16 @@ PLUGINS = ["ddcodec.prior.cli:register", "ddcodec.labels.cli:register", "ddcodec
 
 def _quiet() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+    if not getattr(warnings.formatwarning, "_ddcodec", False):
+        default = warnings.formatwarning
+
+        def one_line(message, category, filename, lineno, line=None):  # ddcodec's own warnings: one line, no source
+            if str(filename).startswith(str(Path(__file__).parent)):
+                return f"ddcodec: warning: {message}\n"
+            return default(message, category, filename, lineno, line)
+        one_line._ddcodec = True  # type: ignore[attr-defined]
+        warnings.formatwarning = one_line
     try:
         from diffusers.utils import logging as dlog
         dlog.set_verbosity_error()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ddcodec.bundle import Bundle, write_bundle
-from ddcodec.bundle.manifest import derive_seed
+from ddcodec.bundle.manifest import derive_seed, sign_manifest
 from ddcodec.errors import BundleError, DDCodecError
 
 
@@ -34,6 +34,13 @@ def assert_one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("ddcodec: error:"), r.stderr
     assert "Traceback" not in r.stderr
     assert needle in lines[0], lines[0]
+
+
+def edit_manifest(bundle, edit, sign: bool = True) -> None:
+    """Apply edit(manifest) to a bundle's manifest.json; re-sign it (as a forger would) unless sign is False."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    edit(m)
+    (bundle / "manifest.json").write_text(json.dumps(sign_manifest(m) if sign else m))
 
 
 @pytest.fixture
@@ -89,17 +96,23 @@ def test_flipped_byte(copy):
 
 
 def test_checksum_mismatch_in_manifest(copy):
-    m = json.loads((copy / "manifest.json").read_text())
-    m["payloads"]["items"]["sha256"] = "0" * 64
-    (copy / "manifest.json").write_text(json.dumps(m))
-    assert_one_line_error(run_cli("verify", str(copy)), "sha256")
+    edit_manifest(copy, lambda m: m["payloads"]["items"].update(sha256="0" * 64))
+    assert_one_line_error(run_cli("verify", str(copy)), "fails its sha256 check")
 
 
 def test_unknown_version(copy):
-    m = json.loads((copy / "manifest.json").read_text())
-    m["version"] = 99
-    (copy / "manifest.json").write_text(json.dumps(m))
+    edit_manifest(copy, lambda m: m.update(version=99), sign=False)  # checked before the checksum
     assert_one_line_error(run_cli("inspect", str(copy)), "version 99")
+
+
+def test_edited_manifest_refused(copy):
+    """A manifest edit that keeps it valid (here one prompt) is refused unless the manifest is re-signed."""
+    edit_manifest(copy, lambda m: m["classes"]["prompts"].__setitem__(3, "a photo of a slip"), sign=False)
+    assert_one_line_error(run_cli("inspect", str(copy)), "fails its manifest_sha256 check")
+    edit_manifest(copy, lambda m: m.pop("manifest_sha256"), sign=False)
+    assert_one_line_error(run_cli("inspect", str(copy)), "has no valid manifest_sha256")
+    edit_manifest(copy, lambda m: None)
+    assert run_cli("inspect", str(copy)).returncode == 0
 
 
 def test_missing_file(copy):
@@ -117,18 +130,14 @@ def test_garbage_manifest(copy):
 
 
 def test_generator_weights_differ(copy):
-    m = json.loads((copy / "manifest.json").read_text())
-    m["generator"]["model"]["components"]["unet"] = "f" * 64
-    (copy / "manifest.json").write_text(json.dumps(m))
+    edit_manifest(copy, lambda m: m["generator"]["model"]["components"].update(unet="f" * 64))
     assert_one_line_error(run_cli("verify", str(copy)), "weights differ")
     r = run_cli("verify", str(copy), "--allow-different-weights")
     assert r.returncode == 0, r.stdout + r.stderr  # weights are really the same, so images still match
 
 
 def test_missing_generator(copy):
-    m = json.loads((copy / "manifest.json").read_text())
-    m["generator"]["model"]["source"] = str(copy / "no-such-model")
-    (copy / "manifest.json").write_text(json.dumps(m))
+    edit_manifest(copy, lambda m: m["generator"]["model"].update(source=str(copy / "no-such-model")))
     assert_one_line_error(run_cli("verify", str(copy)), "no-such-model")
 
 

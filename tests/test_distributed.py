@@ -136,11 +136,11 @@ def reference(bundle: Path, epochs: int, batch: int) -> tuple[dict[int, list[int
 
 
 def check(ranks: list[dict[str, Any]], cfg: dict[str, Any], order: dict[int, list[int]],
-          digests: dict[int, dict[str, str]]) -> int:
-    """Assert exactly-once, equal batch counts, rank/worker-independent order and exact resume; return checks run."""
+          digests: dict[int, dict[str, str]]) -> dict[str, int]:
+    """Assert exactly-once, equal batch counts, rank/worker-independent order and exact resume; count what was checked."""
     world = len(ranks)
     n = len(order[0])
-    checked = 0
+    checked = {"epoch_runs": 0, "items_yielded": 0, "images_compared": 0, "resumes": 0, "resumed_batches": 0}
     for nw in cfg["workers"]:
         for e in range(cfg["epochs"]):
             runs = [next(r for r in rk["runs"] if r["workers"] == nw and r["epoch"] == e) for rk in ranks]
@@ -154,31 +154,39 @@ def check(ranks: list[dict[str, Any]], cfg: dict[str, Any], order: dict[int, lis
             assert glob == order[e], f"{where}: global order differs from the seeded permutation"
             for r in runs:
                 assert all(digests[e][i] == d for i, d in r["digests"].items()), f"{where}: images differ (variant?)"
-            checked += 1
+                checked["images_compared"] += len(r["digests"])
+            checked["epoch_runs"] += 1
+            checked["items_yielded"] += len(ids)
         for rk in ranks:
             full = next(r for r in rk["runs"] if r["workers"] == nw and r["epoch"] == cfg["resume_epoch"])["batches"]
             for res in (r for r in rk["resumes"] if r["workers"] == nw):
                 k = res["k"]
                 assert res["state"]["batches"] == k and res["head"] == full[:k]
                 assert res["rest"] == full[k:], f"world {world}, {nw} workers: resume after {k} batches diverges"
-                checked += 1
+                checked["resumes"] += 1
+                checked["resumed_batches"] += len(res["rest"])
     return checked
 
 
 def run_grid(bundle: Path, tmp: Path, worlds: list[int], workers: list[int], epochs: int, batch: int = 3,
-             resume_all_for: tuple[int, ...] = (0,)) -> int:
+             resume_all_for: tuple[int, ...] = (0,)) -> dict[str, Any]:
+    """Launch every world size; return what was checked, in total and per world size (it raises on any failure)."""
     cfg = {"bundle": str(bundle), "batch": batch, "workers": workers, "epochs": epochs,
            "resume_epoch": epochs - 1, "resume_all_for": list(resume_all_for)}
     order, digests = reference(bundle, epochs, batch)
-    checked = 0
+    total: dict[str, Any] = {"per_world": {}}
     for world in worlds:
-        checked += check(launch(world, cfg, tmp), cfg, order, digests)
-    return checked
+        counts = check(launch(world, cfg, tmp), cfg, order, digests)
+        total["per_world"][str(world)] = counts
+        for k, v in counts.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def test_two_ranks_exactly_once_and_resume(noisy_bundle, tmp_path):
     """2 gloo ranks × {0, 2} workers × 2 epochs; resume from every saved state with 0 workers, mid-epoch with 2."""
-    assert run_grid(noisy_bundle, tmp_path, worlds=[2], workers=[0, 2], epochs=2) > 0
+    counts = run_grid(noisy_bundle, tmp_path, worlds=[2], workers=[0, 2], epochs=2)
+    assert counts["epoch_runs"] == 4 and counts["items_yielded"] == 4 * 20 and counts["resumes"] > 0
 
 
 def test_resume_refuses_an_impossible_position(noisy_bundle):
@@ -205,8 +213,9 @@ def test_fingerprints_bitwise_in_fresh_process_with_other_thread_counts(noisy_bu
 @pytest.mark.slow
 def test_full_grid(noisy_bundle, tmp_path):
     """1-4 ranks × 0-4 workers × 3 epochs (every variant of the bundle); resume from every state for 0 and 3 workers."""
-    assert run_grid(noisy_bundle, tmp_path, worlds=[1, 2, 3, 4], workers=[0, 1, 2, 3, 4], epochs=3,
-                    resume_all_for=(0, 3)) > 0
+    counts = run_grid(noisy_bundle, tmp_path, worlds=[1, 2, 3, 4], workers=[0, 1, 2, 3, 4], epochs=3,
+                      resume_all_for=(0, 3))
+    assert counts["epoch_runs"] == 4 * 5 * 3 and counts["items_yielded"] == 60 * 20
 
 
 if __name__ == "__main__":

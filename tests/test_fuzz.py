@@ -59,6 +59,19 @@ def test_readers_load_or_refuse_in_one_line(seeds, family, data):
     assert r.outcome in ("loaded", "BundleError"), r.outcome
 
 
+def test_unnoticed_damage_is_a_violation(seeds, monkeypatch):
+    """The damage check can fail: with the manifest checksum switched off, some manifest bit flips load silently."""
+    import ddcodec.bundle.manifest as manifest
+    src = fz.RandomSource(0)
+    case = seeds.root / "case-damage"
+    with monkeypatch.context() as mp:
+        mp.setattr(manifest, "check_checksum", lambda m, where: None)
+        off = [fz.run_one("dir_flip_manifest", src, seeds, case) for _ in range(300)]
+    assert any("damage went unnoticed" in r.violation for r in off)
+    on = [fz.run_one("dir_flip_manifest", fz.RandomSource(0), seeds, case) for _ in range(300)]
+    assert not any(r.violation for r in on)  # with it on, nothing different loads
+
+
 def test_every_family_and_memory_bound_in_a_fresh_process(tmp_path):
     """10 inputs per family in a fresh process, so its peak-RSS growth is measured from a clean start."""
     out = tmp_path / "fuzz.json"

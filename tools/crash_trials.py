@@ -9,8 +9,11 @@ swap). Shard trials do the same for `ddcodec shard`; cache trials kill a Distill
 cache_dir mid-epoch and require the re-run's images to equal uncached ones bitwise.
 
 Kill points: "uniform" trials wait a seeded uniform fraction of the uninterrupted run's time; "write"
-trials wait until the command's first output appears and then a seeded 0-1.5 s more (0-50 ms for
-`ddcodec shard`, whose whole write phase is that short).
+trials wait until the command's first output appears and then a seeded 0-150 ms more for an encode
+(its staging directory lives about 0.1 s with the tiny prior), 0-50 ms for `ddcodec shard` (whose
+whole write phase is that short) and 0-1.5 s for the cache. A run that finishes before its kill point
+(a busy machine makes runs slower or faster than the uninterrupted one) is started again from the
+same state with the delay halved, up to ATTEMPTS times; `attempts` records how many it took.
 
     python tools/crash_trials.py --trials 20 --seed 0 --json crash.json
 """
@@ -35,6 +38,7 @@ from typing import Any, Callable
 DATA = "sample:cifar10"
 IPC = 2
 TIMEOUT = 900
+ATTEMPTS = 4  # a run that ends before its kill point is started again with the delay halved, up to this many times
 
 
 def clean_env() -> dict[str, str]:
@@ -120,6 +124,8 @@ class Trial:
     phase: str = ""
     outcome: str = ""
     detail: str = ""
+    final: str = ""  # what the output is after the re-run: "identical", "older", "absent" or "other"
+    attempts: int = 1
     leftovers: list[str] = field(default_factory=list)
 
     @property
@@ -161,16 +167,21 @@ def encode_trial(k: int, rng: random.Random, work: Path, ref: dict[str, str], ol
     mode = mode or ("write" if k % 4 in (2, 3) else "uniform")
     t = Trial("encode" + ("-overwrite" if overwrite else ""), k, mode)
     tdir = work / f"encode-{k:03d}"
-    shutil.rmtree(tdir, ignore_errors=True)
-    tdir.mkdir(parents=True)
     out = tdir / "bundle"
-    if overwrite:
-        shutil.copytree(old_dir, out)
     staging = out.with_name(out.name + ".writing")
-    if mode == "write":
-        r = run_and_kill(encode_cmd(out, overwrite=overwrite), rng.uniform(0, 1.5), wait_for=staging.exists)
-    else:
-        r = run_and_kill(encode_cmd(out, overwrite=overwrite), rng.uniform(0.05, 1.0) * t_ref)
+    for t.attempts in range(1, ATTEMPTS + 1):
+        shutil.rmtree(tdir, ignore_errors=True)
+        tdir.mkdir(parents=True)
+        if overwrite:
+            shutil.copytree(old_dir, out)
+        scale = 0.5 ** (t.attempts - 1)
+        if mode == "write":
+            # the staging phase lasts about 0.1 s with the tiny prior: kill within 150 ms of it appearing
+            r = run_and_kill(encode_cmd(out, overwrite=overwrite), rng.uniform(0, 0.15) * scale, wait_for=staging.exists)
+        else:
+            r = run_and_kill(encode_cmd(out, overwrite=overwrite), rng.uniform(0.05, 1.0) * t_ref * scale)
+        if r["killed"]:
+            break
     t.killed, t.at_s = r["killed"], r["at_s"]
     t.phase = disk_phase(out)
     siblings = [out, staging, out.with_name(out.name + ".old")]
@@ -181,6 +192,7 @@ def encode_trial(k: int, rng: random.Random, work: Path, ref: dict[str, str], ol
         return t
     again = run(encode_cmd(out, overwrite=overwrite))
     final = tree_bytes(out)
+    t.final = "identical" if final == ref else "older" if old and final == old else "absent" if not final else "other"
     refusal = one_line_refusal(again)
     if again.returncode == 0:
         t.outcome = "identical" if final == ref else "WRONG"
@@ -207,12 +219,16 @@ def shard_trial(k: int, rng: random.Random, work: Path, bundle: Path, ref: dict[
     mode = mode or ("write" if k % 2 else "uniform")
     t = Trial("shard", k, mode)
     out = work / f"shard-{k:03d}"
-    shutil.rmtree(out, ignore_errors=True)
-    if mode == "write":
-        # writing 20 one-item shards takes tens of milliseconds: kill within 50 ms of the first one
-        r = run_and_kill(shard_cmd(bundle, out), rng.uniform(0, 0.05), wait_for=lambda: any(out.glob("*.tar")))
-    else:
-        r = run_and_kill(shard_cmd(bundle, out), rng.uniform(0.05, 1.0) * t_ref)
+    for t.attempts in range(1, ATTEMPTS + 1):
+        shutil.rmtree(out, ignore_errors=True)
+        scale = 0.5 ** (t.attempts - 1)
+        if mode == "write":
+            # writing 20 one-item shards takes tens of milliseconds: kill within 50 ms of the first one
+            r = run_and_kill(shard_cmd(bundle, out), rng.uniform(0, 0.05) * scale, wait_for=lambda: any(out.glob("*.tar")))
+        else:
+            r = run_and_kill(shard_cmd(bundle, out), rng.uniform(0.05, 1.0) * t_ref * scale)
+        if r["killed"]:
+            break
     t.killed, t.at_s = r["killed"], r["at_s"]
     present = sorted(out.glob("shard-*.tar")) if out.exists() else []
     t.phase = f"{len(present)}/{len(ref)} shards"
@@ -228,6 +244,7 @@ def shard_trial(k: int, rng: random.Random, work: Path, bundle: Path, ref: dict[
             pass
     again = run(shard_cmd(bundle, out))
     final = {n: h for n, h in tree_bytes(out).items() if n.endswith(".tar")}
+    t.final = "identical" if final == ref else "absent" if not final else "other"
     if again.returncode == 0:
         t.outcome = "identical" if final == ref else "WRONG"
         if final != ref:
@@ -244,12 +261,16 @@ def cache_trial(k: int, rng: random.Random, work: Path, bundle: Path, ref: list[
     mode = mode or ("write" if k % 2 else "uniform")
     t = Trial("cache", k, mode)
     cache = work / f"cache-{k:03d}"
-    shutil.rmtree(cache, ignore_errors=True)
-    if mode == "write":
-        r = run_and_kill(cache_cmd(bundle, cache), rng.uniform(0, 1.5),
-                         wait_for=lambda: any(cache.rglob("*.safetensors")))
-    else:
-        r = run_and_kill(cache_cmd(bundle, cache), rng.uniform(0.05, 1.0) * t_ref)
+    for t.attempts in range(1, ATTEMPTS + 1):
+        shutil.rmtree(cache, ignore_errors=True)
+        scale = 0.5 ** (t.attempts - 1)
+        if mode == "write":
+            r = run_and_kill(cache_cmd(bundle, cache), rng.uniform(0, 1.5) * scale,
+                             wait_for=lambda: any(cache.rglob("*.safetensors")))
+        else:
+            r = run_and_kill(cache_cmd(bundle, cache), rng.uniform(0.05, 1.0) * t_ref * scale)
+        if r["killed"]:
+            break
     t.killed, t.at_s = r["killed"], r["at_s"]
     t.phase = f"{len(list(cache.rglob('*.safetensors')))}/{len(ref)} cached"
     first = run(cache_cmd(bundle, cache))
@@ -259,6 +280,7 @@ def cache_trial(k: int, rng: random.Random, work: Path, bundle: Path, ref: list[
         t.outcome, t.detail = "error", (first.stderr + second.stderr).strip()[-300:]
     elif lines1 == ref and lines2 == ref:
         t.outcome = "identical"
+        t.final = "identical"
     else:
         diff = sum(a != b for a, b in zip(lines1, ref)) + abs(len(lines1) - len(ref))
         t.outcome, t.detail = "WRONG", f"{diff} image digest(s) differ from uncached regeneration"
@@ -329,11 +351,15 @@ def crash_trials(work: Path, trials: int = 20, shard_trials: int = 20, cache_tri
             results.append(cache_trial(k, rng, work, noisy, ref_lines, t_cache, mode))
             log(_line(results[-1]))
     by_kind: dict[str, dict[str, int]] = {}
+    by_phase: dict[str, dict[str, int]] = {}
+    final: dict[str, dict[str, int]] = {}
     for t in results:
-        c = by_kind.setdefault(t.kind, {})
-        c[t.outcome] = c.get(t.outcome, 0) + 1
+        for table, key in ((by_kind, t.outcome), (by_phase, t.phase), (final, t.final)):
+            c = table.setdefault(t.kind, {})
+            c[key] = c.get(key, 0) + 1
     return {
-        "trials": len(results), "by_kind": by_kind,
+        "trials": len(results), "by_kind": by_kind, "on_disk_after_kill": by_phase, "output_after_rerun": final,
+        "killed_by_kind": {k: sum(t.killed for t in results if t.kind == k) for k in by_kind},
         "killed": sum(t.killed for t in results),
         "wrong": sum(t.outcome == "WRONG" for t in results), "failed": sum(not t.ok for t in results),
         "with_leftovers": sum(bool(t.leftovers) for t in results),
@@ -346,7 +372,7 @@ def _line(t: Trial) -> str:
     kill = f"killed at {t.at_s:5.1f} s" if t.killed else f"ended by {t.at_s:5.1f} s"
     extra = f"  [{t.detail[:120]}]" if t.detail else ""
     left = f"  leftovers {t.leftovers}" if t.leftovers else ""
-    return f"{t.kind:16s} #{t.index:02d} {t.mode:7s} {kill}  on disk: {t.phase:28s} -> {t.outcome}{extra}{left}"
+    return f"{t.kind:16s} #{t.index:02d} {t.mode:7s} {kill}  on disk: {t.phase:28s} -> {t.outcome} (output {t.final}){extra}{left}"
 
 
 def main(argv: list[str] | None = None) -> int:

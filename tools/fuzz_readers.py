@@ -6,6 +6,11 @@ hostile tar members, odd files. Pass condition for each input: it loads into a c
 or it raises a ddcodec error (DDCodecError) whose message is one printable line; no other
 exception, no hang (SIGALRM per input), nothing written outside the case directory, and the
 process's peak RSS grows by less than a bound (with an address-space limit as a second guard).
+Families in DAMAGE model accidental damage (flips and truncations nobody re-signed): an input of
+theirs that loads must load as exactly the original bundle, or the damage went unnoticed.
+
+Hostile manifests are re-signed (manifest_sha256 recomputed) the way a forger would, so they reach
+the schema checks behind the checksum; damaged ones are not.
 
     python tools/fuzz_readers.py --inputs 10000 --seed 0 --json fuzz.json
 
@@ -41,7 +46,7 @@ import torch
 import zstandard
 
 from ddcodec.bundle import Bundle, new_manifest, write_bundle
-from ddcodec.bundle.manifest import validate
+from ddcodec.bundle.manifest import CHECKSUM, manifest_sha256, sign_manifest, validate
 from ddcodec.bundle.payload import DTYPES, sha256_bytes
 from ddcodec.bundle.shards import write_shards
 from ddcodec.errors import DDCodecError
@@ -89,6 +94,7 @@ class Seeds:
     raw: dict[str, bytes] = field(default_factory=dict)     # payload name -> uncompressed safetensors
     shard_bytes: list[bytes] = field(default_factory=list)
     shard_members: list[list[tuple[str, bytes]]] = field(default_factory=list)
+    reference: Bundle | None = None                          # the seed bundle as loaded
 
 
 def make_seeds(root: Path, num_items: int = 12, items_per_shard: int = 5) -> Seeds:
@@ -119,7 +125,7 @@ def make_seeds(root: Path, num_items: int = 12, items_per_shard: int = 5) -> See
     b = write_bundle(bundle, m, payloads, fingerprints=0, overwrite=True)
     shard_dir = root / "seed-shards"
     shards = write_shards(b, shard_dir, items_per_shard=items_per_shard)
-    s = Seeds(root, bundle, shards, json.loads((bundle / "manifest.json").read_text()))
+    s = Seeds(root, bundle, shards, json.loads((bundle / "manifest.json").read_text()), reference=b)
     s.files = {p.name: p.read_bytes() for p in bundle.iterdir()}
     for name, info in s.manifest["payloads"].items():
         s.raw[name] = zstandard.ZstdDecompressor().decompress(s.files[info["file"]])
@@ -139,7 +145,7 @@ def write_dir(case: Path, seeds: Seeds, files: dict[str, bytes] | None = None,
     out = dict(seeds.files)
     out.update(files or {})
     if manifest is not None:
-        out["manifest.json"] = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
+        out["manifest.json"] = manifest if isinstance(manifest, bytes) else json.dumps(sign_manifest(manifest)).encode()
     for name, data in out.items():
         (d / name).write_bytes(data)
     return str(d)
@@ -198,9 +204,14 @@ def set_path(obj: Any, path: tuple, value: Any) -> Any:
     return obj
 
 
-def dump_hostile(m: Any) -> bytes:
-    """json.dumps, with RAW-prefixed strings spliced in as raw JSON text (huge ints, deep nesting)."""
+def dump_hostile(m: Any, sign: bool = False) -> bytes:
+    """json.dumps, with RAW-prefixed strings spliced in as raw JSON text (huge ints, deep nesting).
+
+    sign: prepend a manifest_sha256 that matches the text as a reader parses it (when it parses to an object).
+    """
     raws: list[str] = []
+    if sign and isinstance(m, dict):
+        m = {k: v for k, v in m.items() if k != CHECKSUM}
 
     def swap(node: Any) -> Any:
         if isinstance(node, str) and node.startswith(RAW):
@@ -215,7 +226,27 @@ def dump_hostile(m: Any) -> bytes:
     text = json.dumps(swap(m), allow_nan=True)
     for k, raw in enumerate(raws):
         text = text.replace(f'"@@RAW{k}@@"', raw)
+    if sign:
+        text = _signed(text)
     return text.encode("utf-8", "surrogatepass")
+
+
+def _signed(text: str) -> str:
+    """JSON object text with a matching manifest_sha256 member first (unchanged if it is not an object a reader can hash)."""
+    try:
+        parsed = json.loads(text)
+        if not isinstance(parsed, dict) or CHECKSUM in parsed or not text.startswith("{"):
+            return text
+        digest = manifest_sha256(parsed)
+    except (ValueError, RecursionError, TypeError):
+        return text
+    body = text[1:]
+    return f'{{"{CHECKSUM}": "{digest}"' + ("" if body.lstrip().startswith("}") else ", ") + body
+
+
+def forged(m: Any, seeds: Seeds) -> bool:
+    """Re-sign a hostile manifest unless the mutation itself went for its checksum field."""
+    return isinstance(m, dict) and m.get(CHECKSUM) == seeds.manifest[CHECKSUM]
 
 
 def zstd(data: bytes, content_size: bool = True, level: int = 3) -> bytes:
@@ -396,7 +427,7 @@ def dir_json_mutation(src: Source, seeds: Seeds, case: Path) -> str:
             m = set_path(m, path, copy.deepcopy(src.choice(HOSTILE)))
             if not isinstance(m, dict):
                 break
-    return write_dir(case, seeds, manifest=dump_hostile(m))
+    return write_dir(case, seeds, manifest=dump_hostile(m, sign=forged(m, seeds)))
 
 
 TARGETED = [
@@ -420,7 +451,7 @@ def dir_hostile_field(src: Source, seeds: Seeds, case: Path) -> str:
     value = src.choice(HOSTILE + [[-1, 4, 2, 2], [12, 4, 2, -2], [12] + [1] * 9, [1 << 40] * 4, [12, 4.0, 2, 2],
                                   "float64", "complex64", 99, 0, 2, -1, 1 << 40])
     m = set_path(m, path, copy.deepcopy(value))
-    return write_dir(case, seeds, manifest=dump_hostile(m))
+    return write_dir(case, seeds, manifest=dump_hostile(m, sign=forged(m, seeds)))
 
 
 @family
@@ -629,7 +660,7 @@ def shard_reorder(src: Source, seeds: Seeds, case: Path) -> list[str]:
         members = _shard_members(seeds, 0)
         m = json.loads(members[0][1])
         m["seed"] = 8
-        members[0] = (members[0][0], json.dumps(m, indent=2).encode())
+        members[0] = (members[0][0], json.dumps(sign_manifest(m), indent=2).encode())
         blobs[src.randint(1, len(blobs) - 1)] = tar_bytes(members)
     return write_shard_set(case, blobs)
 
@@ -640,7 +671,7 @@ def shard_hostile_manifest(src: Source, seeds: Seeds, case: Path) -> list[str]:
     m = copy.deepcopy(seeds.manifest)
     path = src.choice(TARGETED)
     m = set_path(m, path, copy.deepcopy(src.choice(HOSTILE + [1 << 20, 100000, 11, 13])))
-    data = dump_hostile(m)
+    data = dump_hostile(m, sign=forged(m, seeds))
     blobs = []
     for k in range(len(seeds.shard_members)):
         members = _shard_members(seeds, k)
@@ -791,6 +822,19 @@ def check_loaded(b: Bundle) -> None:
     b.digest()
 
 
+def identical(b: Bundle, ref: Bundle) -> bool:
+    """Same manifest and bitwise-equal payload tensors."""
+    return b.manifest == ref.manifest and sorted(b.payloads) == sorted(ref.payloads) and all(
+        sorted(b.payloads[n]) == sorted(ts) and all(b.payloads[n][k].dtype == t.dtype and b.payloads[n][k].equal(t)
+                                                     for k, t in ts.items())
+        for n, ts in ref.payloads.items())
+
+
+# accidental damage nobody re-signed: what loads must be the original bundle, bit for bit
+DAMAGE = {"dir_truncate_payload", "dir_flip_payload", "dir_flip_manifest", "dir_truncate_manifest",
+          "dir_non_utf8_manifest", "shard_truncate", "shard_flip", "shard_flip_member"}
+
+
 @dataclass
 class Outcome:
     family: str
@@ -798,22 +842,57 @@ class Outcome:
     seconds: float
     message: str = ""
     violation: str = ""     # non-empty: the pass condition failed
+    identical: bool = False  # loaded, and equal to the seed bundle
+    stream: str | None = None  # shard inputs: the streaming reader's outcome ("loaded" or the error class name)
 
 
-def run_one(fam: str, src: Source, seeds: Seeds, case: Path, timeout: float = 20.0) -> Outcome:
-    """Build one input with family `fam` in `case`, open it, and judge the result."""
-    if case.exists():
-        shutil.rmtree(case)
-    case.mkdir(parents=True)
-    target = FAMILIES[fam](src, seeds, case)
-    before = snapshot(seeds.root.parent), sorted(os.listdir("."))
-    t0 = time.perf_counter()
-    outcome, message, violation = "loaded", "", ""
+def open_bundle(target: str | list[str], fam: str, seeds: Seeds) -> bool:
+    """The whole-bundle reader (Bundle.open: a directory, or every shard reassembled); True if it equals the seed."""
+    b = Bundle.open(target if isinstance(target, str) else list(target))
+    check_loaded(b)
+    same = seeds.reference is not None and identical(b, seeds.reference)
+    assert same or fam not in DAMAGE, "damage went unnoticed: it loads as a different bundle"
+    return same
+
+
+def stream_shards(urls: list[str], fam: str, seeds: Seeds) -> bool:
+    """The streaming reader (StreamingDistilledDataset: header checks, then each shard through ShardReader) for
+    one epoch on one rank and reader, without regenerating; True if it streams exactly the seed's items."""
+    from ddcodec.bundle.payload import DTYPES as _DT
+    from ddcodec.loader.stream import StreamingDistilledDataset
+    ds = StreamingDistilledDataset(list(urls), batch_size=4)
+    m = ds.manifest
+    validate(m, "streamed")
+    n = m["items"]["count"]
+    got: dict[int, dict[str, torch.Tensor]] = {}
+    for ids, rows in ds.slot_batches(0):
+        for j, i in enumerate(ids):
+            assert 0 <= i < n and i not in got, f"item {i} streamed twice or out of range"
+            got[i] = {k: t[j:j + 1] for k, t in rows.items()}
+    assert sorted(got) == list(range(n)), f"streamed {len(got)} of {n} items"
+    for i, rows in got.items():
+        for key, t in rows.items():
+            name, _, k = key.partition("/")
+            spec = m["payloads"][name]["tensors"][k]
+            assert t.dtype == _DT[spec["dtype"]] and list(t.shape) == [1, *spec["shape"][1:]], f"row {key} not as declared"
+        cid = int(rows[f"{m['items']['payload']}/class_ids"])
+        assert 0 <= cid < len(m["classes"]["names"]), "class id out of range"
+    ref = seeds.reference
+    same = ref is not None and m == ref.manifest and all(
+        t.dtype == ref.payloads[key.partition("/")[0]][key.partition("/")[2]].dtype
+        and t.equal(ref.payloads[key.partition("/")[0]][key.partition("/")[2]][i:i + 1])
+        for i, rows in got.items() for key, t in rows.items())
+    assert same or fam not in DAMAGE, "damage went unnoticed: it streams as a different bundle"
+    return same
+
+
+def judge(read: Callable[[], bool], timeout: float) -> tuple[str, str, str, bool]:
+    """Run one reader on one input: (outcome, message, violation, identical to the seed)."""
+    outcome, message, violation, same = "loaded", "", "", False
     try:
         with time_limit(timeout):
             try:
-                b = Bundle.open(target if isinstance(target, str) else list(target))
-                check_loaded(b)
+                same = read()
             except DDCodecError as e:
                 outcome, message = type(e).__name__, str(e)
                 if len(message.splitlines()) != 1 or not message.strip():
@@ -829,6 +908,24 @@ def run_one(fam: str, src: Source, seeds: Seeds, case: Path, timeout: float = 20
         if isinstance(e, KeyboardInterrupt):
             raise
         outcome, violation = type(e).__name__, f"{type(e).__name__}: {str(e)[:200]} at {_where(e)}"
+    return outcome, message, violation, same
+
+
+def run_one(fam: str, src: Source, seeds: Seeds, case: Path, timeout: float = 20.0) -> Outcome:
+    """Build one input with family `fam` in `case`, open it with each reader that takes it, and judge the results."""
+    if case.exists():
+        shutil.rmtree(case)
+    case.mkdir(parents=True)
+    target = FAMILIES[fam](src, seeds, case)
+    before = snapshot(seeds.root.parent), sorted(os.listdir("."))
+    t0 = time.perf_counter()
+    outcome, message, violation, same = judge(lambda: open_bundle(target, fam, seeds), timeout)
+    stream = None
+    if not isinstance(target, str):
+        s_out, s_msg, s_violation, s_same = judge(lambda: stream_shards(list(target), fam, seeds), timeout)
+        stream = s_out
+        if s_violation:
+            violation = violation or f"streaming reader: {s_violation}"
     seconds = time.perf_counter() - t0
     after = snapshot(seeds.root.parent), sorted(os.listdir("."))
     changed = sorted(k for k in set(before[0]) | set(after[0]) if before[0].get(k) != after[0].get(k))
@@ -838,7 +935,7 @@ def run_one(fam: str, src: Source, seeds: Seeds, case: Path, timeout: float = 20
         violation = violation or f"files changed by reading: {changed[:5]}"
     if os.path.lexists(ESCAPE):
         violation = violation or f"{ESCAPE} was written"
-    return Outcome(fam, outcome, seconds, message[:300], violation)
+    return Outcome(fam, outcome, seconds, message[:300], violation, same, stream)
 
 
 def _where(e: BaseException) -> str:
@@ -910,7 +1007,8 @@ REASONS = [  # (phrase in the message, reason); the first match wins
     ("is outside 0..", "item index out of range"), ("items (first missing", "missing items"),
     ("content hash", "content hash mismatch"), ("not a readable tar", "unreadable tar"),
     ("truncated inside", "truncated tar member"), ("cannot open shard", "cannot open shard"),
-    ("no manifest found", "no manifest in shards"), ("sha256 check", "sha256 mismatch"),
+    ("no manifest found", "no manifest in shards"), ("fails its manifest_sha256", "manifest checksum mismatch"),
+    ("has no valid manifest_sha256", "manifest checksum missing"), ("sha256 check", "sha256 mismatch"),
     ("bytes but the manifest says", "size differs from manifest"), ("not UTF-8", "manifest not UTF-8"),
     ("not valid JSON", "manifest not JSON"), ("format version", "unknown format version"),
     ("not a ddcodec bundle manifest", "not a ddcodec manifest"), ("lone surrogate", "manifest string not Unicode"),
@@ -931,13 +1029,21 @@ def reason(message: str) -> str:
 
 def summarise(results: list[Outcome], rss0: float, rss1: float, wall: float) -> dict[str, Any]:
     by_family: dict[str, Counter] = {}
+    stream_by_family: dict[str, Counter] = {}
     for r in results:
         by_family.setdefault(r.family, Counter())[r.outcome] += 1
+        if r.stream is not None:
+            stream_by_family.setdefault(r.family, Counter())[r.stream] += 1
     slowest = max(results, key=lambda r: r.seconds)
     return {
         "inputs": len(results),
         "outcomes": dict(Counter(r.outcome for r in results).most_common()),
         "by_family": {f: dict(c.most_common()) for f, c in sorted(by_family.items())},
+        "loaded_identical_to_seed": dict(sorted(Counter(r.family for r in results if r.identical).items())),
+        "stream_inputs": sum(r.stream is not None for r in results),
+        "stream_outcomes": dict(Counter(r.stream for r in results if r.stream is not None).most_common()),
+        "stream_by_family": {f: dict(c.most_common()) for f, c in sorted(stream_by_family.items())},
+        "damage_families": sorted(DAMAGE),
         "by_reason": dict(Counter(reason(r.message) for r in results if r.message).most_common()),
         "violations": [{"family": r.family, "outcome": r.outcome, "violation": r.violation} for r in results if r.violation],
         "max_seconds_per_input": round(slowest.seconds, 3), "slowest_family": slowest.family,
@@ -973,7 +1079,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"max {figures['max_seconds_per_input']} s per input ({figures['slowest_family']}), "
           f"peak RSS growth {figures['peak_rss_growth_mb']} MiB (bound {RSS_BOUND_MB})")
     for fam, c in figures["by_family"].items():
-        print(f"  {fam:32s} " + ", ".join(f"{k} {v}" for k, v in c.items()))
+        stream = figures["stream_by_family"].get(fam)
+        print(f"  {fam:32s} " + ", ".join(f"{k} {v}" for k, v in c.items())
+              + ("; streaming: " + ", ".join(f"{k} {v}" for k, v in stream.items()) if stream else ""))
     print("refusals by reason: " + ", ".join(f"{k} {v}" for k, v in figures["by_reason"].items()))
     for v in figures["violations"][:20]:
         print(f"VIOLATION {v['family']}: {v['violation']}")

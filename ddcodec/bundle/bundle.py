@@ -14,7 +14,7 @@ import torch
 
 from ..errors import BundleError
 from .atomic import atomic_write_json
-from .manifest import FORMAT, MAX_MANIFEST_BYTES, SEED_DERIVATION, VERSION, parse_manifest, validate
+from .manifest import FORMAT, MAX_MANIFEST_BYTES, SEED_DERIVATION, VERSION, parse_manifest, sign_manifest, validate
 from .payload import decode_payload, write_payload
 
 MANIFEST = "manifest.json"
@@ -75,6 +75,9 @@ class Bundle:
                 raise BundleError(f"{file} is {size} bytes but the manifest says {info['bytes']} (truncated or replaced)",
                                   "download the bundle again")
             payloads[name] = decode_payload(read_at_most(file, info["bytes"]), info, str(file))
+            if "content_sha256" in info and content_sha256(payloads[name]) != info["content_sha256"]:
+                raise BundleError(f"{file} fails its content hash (its tensors differ from the ones the manifest records)",
+                                  "download the bundle again")
         check_items(manifest, payloads, str(root))
         return cls(manifest, payloads, root=root)
 
@@ -168,7 +171,8 @@ def write_bundle(out: str | os.PathLike, manifest: dict[str, Any], payloads: dic
                  fingerprints: int = 4, overwrite: bool = False, prior: Any = None) -> Bundle:
     """Write a complete bundle atomically: payloads and manifest into a staging directory, then rename.
 
-    The manifest is written last, so a directory with a manifest is a finished bundle.
+    The manifest is written last, so a directory with a manifest is a finished bundle. It carries
+    manifest_sha256, a checksum of its own content, so a damaged manifest is refused, not misread.
     """
     out = Path(out)
     if out.exists() and not overwrite:
@@ -192,6 +196,7 @@ def write_bundle(out: str | os.PathLike, manifest: dict[str, Any], payloads: dic
         manifest["payloads"]["reference"] = info
         manifest["fingerprints"] = {**ref, "payload": "reference"}
     validate(manifest, "new manifest")
+    manifest = sign_manifest(manifest)  # readers refuse a manifest that does not match its manifest_sha256
     atomic_write_json(staging / MANIFEST, manifest)
     if out.exists():
         trash = out.with_name(out.name + ".old")

@@ -16,6 +16,7 @@ MAX_MANIFEST_BYTES = 64 << 20
 MAX_DEPTH = 32
 SEED_DERIVATION = "sha256('{seed}:{item}:{variant}:{stream}') first 8 bytes, little-endian, masked to 63 bits"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+CHECKSUM = "manifest_sha256"
 
 
 def derive_seed(seed: int, item: int, variant: int, stream: str = "noise") -> int:
@@ -37,8 +38,36 @@ def parse_manifest(data: bytes, where: str = "manifest.json") -> dict[str, Any]:
     except (ValueError, RecursionError) as e:  # JSONDecodeError, or an integer literal past Python's digit limit
         reason = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
         raise BundleError(f"{where} is not valid JSON ({reason})", "download the bundle again") from None
+    validate_head(manifest, where)
+    check_checksum(manifest, where)
     validate(manifest, where)
     return manifest
+
+
+def manifest_sha256(m: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces, ASCII), without its own checksum field."""
+    body = {k: v for k, v in m.items() if k != CHECKSUM}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def sign_manifest(m: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `m` with its manifest_sha256 set (write_bundle does this; so must anyone editing a manifest)."""
+    out = {k: v for k, v in m.items() if k != CHECKSUM}
+    out[CHECKSUM] = manifest_sha256(out)
+    return out
+
+
+def check_checksum(m: dict[str, Any], where: str) -> None:
+    """Refuse a manifest whose manifest_sha256 is missing or does not match its content (a flipped bit, an edit)."""
+    value = m.get(CHECKSUM)
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise BundleError(f"{where} has no valid {CHECKSUM} (damaged, or not written by ddcodec)",
+                          "download the bundle again")
+    if manifest_sha256(m) != value:
+        raise BundleError(f"{where} fails its {CHECKSUM} check (corrupted or edited)",
+                          "download the bundle again; after editing a manifest, re-sign it with "
+                          "ddcodec.bundle.manifest.sign_manifest")
 
 
 def short(value: Any, limit: int = 80) -> str:
@@ -83,8 +112,8 @@ def _depth(obj: Any, limit: int) -> int:
     return deepest
 
 
-def validate(m: Any, where: str = "manifest.json") -> None:
-    """Check a parsed manifest against the v1 schema."""
+def validate_head(m: Any, where: str = "manifest.json") -> None:
+    """The checks that come before the checksum: a bounded JSON object of this format and version."""
     if not isinstance(m, dict):
         raise _fail(where, "top level must be an object")
     try:
@@ -99,6 +128,11 @@ def validate(m: Any, where: str = "manifest.json") -> None:
     if version != VERSION:
         raise BundleError(f"{where} has format version {short(version, 20)}; this ddcodec reads version {VERSION}",
                           "upgrade ddcodec" if version > VERSION else "re-encode the bundle with this ddcodec")
+
+
+def validate(m: Any, where: str = "manifest.json") -> None:
+    """Check a parsed manifest against the v1 schema (the checksum is checked by parse_manifest)."""
+    validate_head(m, where)
     _get(m, "seed", int, where)
     if not 0 <= m["seed"] < 2**63:
         raise _fail(where, "seed must be in [0, 2**63)")

@@ -6,6 +6,7 @@ from typing import Any
 
 import diffusers
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.modeling_utils import ModelMixin
 
 from ..errors import GeneratorError
 from .conditioning import ClassEmbedder
@@ -13,9 +14,11 @@ from .prior import LatentPrior
 
 
 def _load(cls: Any, source: str, subfolder: str, revision: str | None, local_files_only: bool | None) -> Any:
+    # weights only from .safetensors: a component that ships a pickled .bin instead is refused, never unpickled
+    kwargs: dict[str, Any] = {"use_safetensors": True} if issubclass(cls, ModelMixin) else {}
     try:
         return cls.from_pretrained(source, subfolder=subfolder, revision=revision,
-                                   local_files_only=bool(local_files_only))
+                                   local_files_only=bool(local_files_only), **kwargs)
     except Exception as e:
         msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise GeneratorError(f"cannot load component '{subfolder}' of {source!r} ({msg})",
