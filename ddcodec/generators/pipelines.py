@@ -254,6 +254,16 @@ def check_weights(prior: LatentPrior, expected: dict[str, str], allow_different_
     raise GeneratorError(msg, "load the exact weights the bundle was made with, or pass --allow-different-weights")
 
 
+def pipeline_class(name: str) -> type[RegenerationPipeline]:
+    """The registered pipeline class `name` (plugins included)."""
+    if name not in PIPELINES:
+        _load_plugins()
+    if name not in PIPELINES:
+        raise GeneratorError(f"this ddcodec has no regeneration pipeline {name!r}",
+                             "upgrade ddcodec; known pipelines: " + ", ".join(sorted(PIPELINES)))
+    return PIPELINES[name]
+
+
 def build_pipeline(manifest: dict[str, Any], items: dict[str, torch.Tensor], device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None, micro_batch: int | None = None, prior: LatentPrior | None = None,
                    allow_different_weights: bool = False, item_ids: list[int] | None = None) -> RegenerationPipeline:
@@ -262,13 +272,7 @@ def build_pipeline(manifest: dict[str, Any], items: dict[str, torch.Tensor], dev
     `item_ids` names the items whose rows `items` holds, when it holds only some (a shard stream).
     """
     gen = manifest["generator"]
-    cls = PIPELINES.get(gen["pipeline"])
-    if cls is None:
-        _load_plugins()
-        cls = PIPELINES.get(gen["pipeline"])
-    if cls is None:
-        raise GeneratorError(f"this ddcodec has no regeneration pipeline {gen['pipeline']!r}",
-                             "upgrade ddcodec; known pipelines: " + ", ".join(sorted(PIPELINES)))
+    cls = pipeline_class(gen["pipeline"])
     prior = prior or get_prior(gen["model"], len(manifest["classes"]["names"]))
     check_weights(prior, gen["model"]["components"], allow_different_weights)
     if item_ids is not None and not cls.streamable:

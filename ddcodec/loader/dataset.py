@@ -83,15 +83,7 @@ class DistilledDataset(IterableDataset):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a state_dict(): the next batch is the one after the last consumed."""
-        for key in ("bundle", "world_size", "batch_size", "shuffle"):
-            if key in state and state[key] != self.state_dict()[key]:
-                raise DDCodecError(f"cannot resume: saved {key} is {state[key]!r}, this loader has {self.state_dict()[key]!r}",
-                                   "resume with the same bundle, world size, batch size and shuffle")
-        epoch, batches = state.get("epoch"), state.get("batches")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, batches)) \
-                or epoch < 0 or not 0 <= batches <= len(self):
-            raise DDCodecError(f"cannot resume: saved position epoch={epoch!r}, batches={batches!r} is not a valid "
-                               f"position (0..{len(self)} batches)", "pass a state saved by state_dict()")
+        epoch, batches = resume_position(state, self.state_dict(), len(self), "bundle, world size, batch size and shuffle")
         self.epoch, self._start, self._step = epoch, batches, batches
 
     # regeneration ------------------------------------------------------------------------
@@ -153,6 +145,20 @@ class DistilledDataset(IterableDataset):
     def loader(self, num_workers: int = 0, **kwargs: Any) -> "TrackingLoader":
         """A DataLoader over this dataset that keeps state_dict() exact with workers."""
         return TrackingLoader(self, num_workers=num_workers, **kwargs)
+
+
+def resume_position(state: dict[str, Any], mine: dict[str, Any], steps: int, same: str) -> tuple[int, int]:
+    """(epoch, batches) of a saved state, refused unless its layout keys equal this loader's (`mine`)."""
+    for key in mine.keys() - {"epoch", "batches"}:
+        if key in state and state[key] != mine[key]:
+            raise DDCodecError(f"cannot resume: saved {key} is {state[key]!r}, this loader has {mine[key]!r}",
+                               f"resume with the same {same}")
+    epoch, batches = state.get("epoch"), state.get("batches")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, batches)) \
+            or epoch < 0 or not 0 <= batches <= steps:
+        raise DDCodecError(f"cannot resume: saved position epoch={epoch!r}, batches={batches!r} is not a valid "
+                           f"position (0..{steps} batches)", "pass a state saved by state_dict()")
+    return epoch, batches
 
 
 def batch_labels(manifest: dict[str, Any], label_rows: dict[str, torch.Tensor] | None, class_ids: torch.Tensor,

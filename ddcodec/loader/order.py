@@ -12,10 +12,7 @@ from ..errors import DDCodecError
 
 def epoch_permutation(num_items: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
     """The global item order of an epoch: the same on every rank, worker and machine."""
-    if not shuffle:
-        return torch.arange(num_items)
-    s = int.from_bytes(hashlib.sha256(f"order:{seed}:{epoch}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
-    return torch.randperm(num_items, generator=torch.Generator().manual_seed(s))
+    return _seeded_perm(num_items, f"order:{seed}:{epoch}") if shuffle else torch.arange(num_items)
 
 
 def steps_per_epoch(num_items: int, batch_size: int, world_size: int) -> int:

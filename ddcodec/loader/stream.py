@@ -10,8 +10,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..bundle.shards import ShardReader, expand_urls
 from ..errors import DDCodecError
-from ..generators.pipelines import PIPELINES, _load_plugins, build_pipeline
-from .dataset import TrackingLoader, batch_labels, dist_info
+from ..generators.pipelines import build_pipeline, pipeline_class
+from .dataset import TrackingLoader, batch_labels, dist_info, resume_position
 from .order import cut, item_order, shard_order, shard_slots, slot_steps
 
 
@@ -59,10 +59,7 @@ class StreamingDistilledDataset(IterableDataset):
 
     def _check_streamable(self) -> None:
         name = self.manifest["generator"]["pipeline"]
-        if name not in PIPELINES:
-            _load_plugins()
-        cls = PIPELINES.get(name)
-        if cls is not None and not cls.streamable:
+        if not pipeline_class(name).streamable:
             raise DDCodecError(f"a {name!r} bundle mixes items across shards, so it cannot be streamed shard by shard",
                                "read the whole bundle with DistilledDataset(urls)")
 
@@ -95,16 +92,8 @@ class StreamingDistilledDataset(IterableDataset):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a state_dict(): the next batch is the one after the last consumed."""
-        mine = self.state_dict()
-        for key in ("bundle", "world_size", "batch_size", "shuffle", "num_workers"):
-            if key in state and state[key] != mine[key]:
-                raise DDCodecError(f"cannot resume: saved {key} is {state[key]!r}, this loader has {mine[key]!r}",
-                                   "resume with the same shards, world size, batch size, shuffle and num_workers")
-        epoch, batches = state.get("epoch"), state.get("batches")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, batches)) \
-                or epoch < 0 or not 0 <= batches <= len(self):
-            raise DDCodecError(f"cannot resume: saved position epoch={epoch!r}, batches={batches!r} is not valid "
-                               f"(0..{len(self)} batches)", "pass a state saved by state_dict()")
+        epoch, batches = resume_position(state, self.state_dict(), len(self),
+                                         "shards, world size, batch size, shuffle and num_workers")
         self.epoch, self._start, self._step = epoch, batches, batches
 
     # streaming ---------------------------------------------------------------------------
