@@ -118,3 +118,29 @@ def test_export_ddranking(soft_bundle, tmp_path):
     assert (tmp_path / "dd" / "README.md").is_file()
     with pytest.raises(DDCodecError):
         export_ddranking(soft_bundle, tmp_path / "dd", epochs=1)
+
+
+def test_online_teacher_relabels_augmented_batches():
+    from ddcodec.eval.feeds import TensorFeed
+    from ddcodec.eval.train import fit
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(x.clone())
+            return torch.zeros(len(x), 10).index_fill_(1, torch.tensor([7]), 5.0)
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=g)
+    feed = TensorFeed(images, torch.arange(12) % 10, 4, seed=0)
+    teacher = Recorder()
+    test = (images, torch.full((12,), 7))
+    r = fit("convnet3", 10, (16, 16), feed, 3, TrainConfig(epochs=2, batch_size=4, lr=0.05), 0, test, soft=True,
+            teacher=teacher)
+    assert len(teacher.seen) == 6  # every batch of every epoch
+    originals = {tuple(images[i].float().div(255).flatten().tolist()) for i in range(12)}
+    assert sum(tuple(x.flatten().tolist()) not in originals for b in teacher.seen for x in b) > 6  # augmented crops
+    assert r["accuracy"] == 1.0  # trained only on the teacher's labels (class 7), not the hard ones

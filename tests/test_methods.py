@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ddcodec.bundle import Bundle
 from ddcodec.cli import main
@@ -148,6 +149,19 @@ def test_online_labels(data, tmp_path):
     m = Bundle.open(tmp_path / "online").manifest
     assert m["labels"] == {"kind": "hard", "online_teacher": {"name": "cifar10-resnet56", "temperature": 1.0}}
     assert "labels" not in m["payloads"]
+    from ddcodec.labels.teachers import load_teacher
+    ds = DistilledDataset(tmp_path / "online", batch_size=7, online_teacher="bundle")
+    images, soft, hard = next(iter(ds))
+    expected = torch.softmax(load_teacher("cifar10-resnet56")(images).float(), -1)
+    assert torch.allclose(soft, expected, atol=1e-6) and not torch.equal(soft, F.one_hot(hard, 10).float())
+    with pytest.raises(DDCodecError, match="names no online teacher"):
+        DistilledDataset(bundles_dir_hard(tmp_path, data), online_teacher="bundle")
+
+
+def bundles_dir_hard(tmp_path, data):
+    out = tmp_path / "hard"
+    assert encode("rded", data[0], out, "--labels", "hard") == 0
+    return out
 
 
 def test_dace_mixup_partner_is_same_class_and_seeded(bundles):

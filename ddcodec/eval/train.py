@@ -95,8 +95,11 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def fit(student: str, num_classes: int, image_size: tuple[int, int], feed: BundleFeed | TensorFeed, steps_per_epoch: int,
         cfg: TrainConfig, seed: int, test: tuple[torch.Tensor, torch.Tensor], soft: bool, stored_temperature: float = 1.0,
-        desc: str = "") -> dict[str, Any]:
-    """Train one freshly initialised student for cfg.epochs and return its test accuracy and timings."""
+        desc: str = "", teacher: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Train one freshly initialised student for cfg.epochs and return its test accuracy and timings.
+
+    With a `teacher`, every augmented batch is relabelled by it (FKD/RDED-style: the label matches the crop).
+    """
     torch.manual_seed(derive(seed, "init"))
     model = build_student(student, num_classes, image_size).to(cfg.device).train()
     opt, sched = make_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
@@ -110,8 +113,11 @@ def fit(student: str, num_classes: int, image_size: tuple[int, int], feed: Bundl
     for e in bar:
         for images, probs, hard in feed.epoch(e):
             t0 = time.perf_counter()
-            x = normalize(augment(images.float(), g, mode))
-            logits = model(x)
+            x = augment(images.float(), g, mode)
+            if teacher is not None:
+                with torch.no_grad():
+                    probs = torch.softmax(teacher(x).float() / stored_temperature, -1)
+            logits = model(normalize(x))
             loss = soft_loss(logits, probs, temperature, stored_temperature) if soft else F.cross_entropy(logits, hard.long())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -181,7 +187,8 @@ def _label_setup(bundle: Any, cfg: TrainConfig) -> tuple[bool, float, Any, dict[
         teacher = load_teacher(online["name"], cfg.device)
     record = {"kind": lab["kind"], "used": "soft (KL)" if soft else "hard (CE)", "stored_temperature": stored_t,
               "temperature": (cfg.temperature or stored_t) if soft else None,
-              "online_teacher": online["name"] if teacher is not None else None, "codec": lab.get("codec")}
+              "online_teacher": online["name"] if teacher is not None else None,
+              "online_relabel": "every augmented batch" if teacher is not None else None, "codec": lab.get("codec")}
     return soft, stored_t, teacher, record
 
 
@@ -217,14 +224,13 @@ def eval_bundle(bundle: Any, student: str, test_data: str | None, cfg: TrainConf
         raise DDCodecError("the bundle does not record its data source", "pass --test-data")
     test_x, test_y, test_classes = load_split(test_data, test_split, test_limit, size)
     _check_classes(b.class_names, test_classes)
-    ds = DistilledDataset(b, device=cfg.device, batch_size=cfg.batch_size, cache_dir=cache_dir,
-                          return_ids=True, online_teacher=teacher, teacher_temperature=stored_t)
+    ds = DistilledDataset(b, device=cfg.device, batch_size=cfg.batch_size, cache_dir=cache_dir, return_ids=True)
     feed = BundleFeed(ds, memory_cache=memory_cache)
     t0 = time.perf_counter()
     runs = []
     for k, seed in enumerate(seeds):
         r = fit(student, b.num_classes, size, feed, len(ds), cfg, seed, (test_x, test_y), soft, stored_t,
-                desc=f"{student} seed {seed} ({k + 1}/{len(seeds)})")
+                desc=f"{student} seed {seed} ({k + 1}/{len(seeds)})", teacher=teacher)
         tqdm.write(f"seed {seed}: top-1 {100 * r['accuracy']:.2f}% (train {r['train_s']:.0f} s)")
         runs.append(r)
     return {"kind": "bundle", "command": command, "student": student, "bundle": bundle_record(b), "labels": labels,

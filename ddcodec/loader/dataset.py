@@ -39,7 +39,7 @@ class DistilledDataset(IterableDataset):
                  batch_size: int = 64, dtype: torch.dtype | None = None, micro_batch: int | None = None,
                  shuffle: bool = True, rank: int | None = None, world_size: int | None = None,
                  cache_dir: str | os.PathLike | None = None, return_ids: bool = False,
-                 online_teacher: Callable[[torch.Tensor], torch.Tensor] | None = None, teacher_temperature: float = 1.0,
+                 online_teacher: Callable[[torch.Tensor], torch.Tensor] | str | None = None, teacher_temperature: float = 1.0,
                  allow_different_weights: bool = False, prior: Any = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         if batch_size < 1:
@@ -54,8 +54,8 @@ class DistilledDataset(IterableDataset):
             raise DDCodecError(f"rank {self.rank} is outside world size {self.world_size}")
         self.cache_dir = cache_dir
         self.return_ids = return_ids
-        self.online_teacher = online_teacher
-        self.teacher_temperature = teacher_temperature
+        self.online_teacher, self.teacher_temperature = resolve_online_teacher(
+            self.bundle.manifest, online_teacher, teacher_temperature, self.device)
         self.allow_different_weights = allow_different_weights
         self._prior = prior
         self._pipeline = None
@@ -159,6 +159,21 @@ def resume_position(state: dict[str, Any], mine: dict[str, Any], steps: int, sam
         raise DDCodecError(f"cannot resume: saved position epoch={epoch!r}, batches={batches!r} is not a valid "
                            f"position (0..{steps} batches)", "pass a state saved by state_dict()")
     return epoch, batches
+
+
+def resolve_online_teacher(manifest: dict[str, Any], teacher: Callable[[torch.Tensor], torch.Tensor] | str | None,
+                           temperature: float, device: torch.device) -> tuple[Any, float]:
+    """(teacher callable or None, temperature): "bundle" loads the teacher the manifest names, a str a registered one."""
+    if not isinstance(teacher, str):
+        return teacher, temperature
+    from ..labels.teachers import load_teacher
+    if teacher == "bundle":
+        online = manifest["labels"].get("online_teacher")
+        if not online:
+            raise DDCodecError("online_teacher='bundle' but this bundle names no online teacher",
+                               "encode with --labels online, or pass a teacher name or callable")
+        return load_teacher(online["name"], device), float(online.get("temperature", temperature))
+    return load_teacher(teacher, device), temperature
 
 
 def batch_labels(manifest: dict[str, Any], label_rows: dict[str, torch.Tensor] | None, class_ids: torch.Tensor,

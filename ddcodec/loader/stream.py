@@ -11,7 +11,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..bundle.shards import ShardReader, expand_urls
 from ..errors import DDCodecError
 from ..generators.pipelines import build_pipeline, pipeline_class
-from .dataset import TrackingLoader, batch_labels, dist_info, resume_position
+from .dataset import TrackingLoader, batch_labels, dist_info, resolve_online_teacher, resume_position
 from .order import cut, item_order, shard_order, shard_slots, slot_steps
 
 
@@ -27,7 +27,7 @@ class StreamingDistilledDataset(IterableDataset):
     def __init__(self, urls: str | list[str], device: str | torch.device = "cpu", batch_size: int = 64,
                  num_workers: int = 0, dtype: torch.dtype | None = None, micro_batch: int | None = None,
                  shuffle: bool = True, rank: int | None = None, world_size: int | None = None, return_ids: bool = False,
-                 online_teacher: Callable[[torch.Tensor], torch.Tensor] | None = None, teacher_temperature: float = 1.0,
+                 online_teacher: Callable[[torch.Tensor], torch.Tensor] | str | None = None, teacher_temperature: float = 1.0,
                  allow_different_weights: bool = False, prior: Any = None) -> None:
         self.urls = expand_urls([urls] if isinstance(urls, str) else urls)
         if not self.urls:
@@ -51,7 +51,8 @@ class StreamingDistilledDataset(IterableDataset):
         self.rank, self.world_size = dist_info(rank, world_size)
         if not 0 <= self.rank < self.world_size:
             raise DDCodecError(f"rank {self.rank} is outside world size {self.world_size}")
-        self.online_teacher, self.teacher_temperature = online_teacher, teacher_temperature
+        self.online_teacher, self.teacher_temperature = resolve_online_teacher(
+            self.manifest, online_teacher, teacher_temperature, self.device)
         self.allow_different_weights, self._prior = allow_different_weights, prior
         self.steps = slot_steps(self.counts, self.world_size, self.workers, self.batch_size)  # fail early
         self._check_streamable()
