@@ -1,0 +1,116 @@
+"""Run one results table end to end: encode every method's bundle, evaluate each row, write the JSONs and the table.
+
+Every row is a `ddcodec encode` plus a `ddcodec eval` (or `ddcodec eval-real`) command, run as a subprocess and
+printed; a row whose JSON exists is skipped, so an interrupted table resumes (the encodes resume too).
+
+    python tools/results_table.py --name cifar10-ipc10-convnet3 --data ../shared/datasets/cifar10.tar --ipc 10 \\
+        --student convnet3 --epochs 100 --seeds 3 --test-limit 2000 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROWS = ("real", "random", "rded", "dace", "d4m", "ld3m-dm", "ld3m-dc", "full")
+
+
+def encode_args(row: str, a: argparse.Namespace) -> list[str] | None:
+    """The `ddcodec encode` arguments of a row (None for real-pixel rows)."""
+    common = ["--data", a.data, "--ipc", str(a.ipc), "--seed", "0"]
+    teacher = ["--teacher", a.teacher]
+    return {
+        "random": ["--method", "random", *common],
+        "rded": ["--method", "rded", *common, "--labels", "online", *teacher],
+        "dace": ["--method", "dace", *common, *teacher, "--variants", str(a.variants)],
+        "d4m": ["--method", "d4m", *common, *teacher, "--variants", str(a.variants), "--steps", str(a.d4m_steps)],
+        "ld3m-dm": ["--method", "ld3m", *common, "--ld3m-loss", "dm", "--iterations", str(a.ld3m_iterations),
+                    "--batch-real", str(a.batch_real), "--candidates", str(a.ld3m_candidates)],
+        "ld3m-dc": ["--method", "ld3m", *common, "--ld3m-loss", "dc", "--iterations", str(a.ld3m_iterations),
+                    "--batch-real", str(a.batch_real), "--candidates", str(a.ld3m_candidates)],
+    }.get(row)
+
+
+def eval_args(row: str, bundle: Path, out: Path, a: argparse.Namespace) -> list[str]:
+    """The `ddcodec eval` / `eval-real` arguments of a row."""
+    train = ["--student", a.student, "--test-data", a.test_data or a.data, "--test-limit", str(a.test_limit),
+             "--threads", str(a.threads), "--json", str(out)]
+    if row == "real":
+        return ["eval-real", "--data", a.data, "--ipc", str(a.ipc), "--subset-seed", "0", *train,
+                "--epochs", str(a.epochs), "--seeds", str(a.seeds)]
+    if row == "full":
+        return ["eval-real", "--data", a.data, *train, "--epochs", str(a.full_epochs), "--seeds", str(a.full_seeds)]
+    return ["eval", str(bundle), *train, "--epochs", str(a.epochs), "--seeds", str(a.seeds)]
+
+
+def run(cmd: list[str], log: Path) -> None:
+    """Run `ddcodec CMD` as a subprocess, teeing nothing: its output goes to `log`; stop the table on failure."""
+    print("$ ddcodec " + shlex.join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write("$ ddcodec " + shlex.join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.call([sys.executable, "-m", "ddcodec.cli", *cmd], stdout=f, stderr=subprocess.STDOUT)
+    print(f"  exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
+    if rc != 0:
+        sys.exit(f"failed: ddcodec {shlex.join(cmd)} (see {log})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--name", required=True, help="table name: results go to OUT/NAME/")
+    p.add_argument("--data", required=True)
+    p.add_argument("--test-data", default=None)
+    p.add_argument("--ipc", type=int, required=True)
+    p.add_argument("--student", default="convnet3")
+    p.add_argument("--teacher", default="cifar10-resnet56-ft")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--full-epochs", type=int, default=1, help="epochs of the full-data row")
+    p.add_argument("--full-seeds", type=int, default=2)
+    p.add_argument("--test-limit", type=int, default=2000)
+    p.add_argument("--variants", type=int, default=5, help="d4m/dace variants (epoch e uses variant e mod V)")
+    p.add_argument("--d4m-steps", type=int, default=10)
+    p.add_argument("--ld3m-iterations", type=int, default=100)
+    p.add_argument("--batch-real", type=int, default=64)
+    p.add_argument("--ld3m-candidates", type=int, default=500)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    p.add_argument("--work", default="runs", help="where bundles are written")
+    p.add_argument("--out", default="docs/results")
+    a = p.parse_args(argv)
+    out = Path(a.out) / a.name
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(a.work) / a.name
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "log.txt"
+    for row in a.rows:
+        report = out / f"{row}.json"
+        if report.exists():
+            print(f"{row}: {report} exists, skipped", flush=True)
+            continue
+        bundle = work / row
+        enc = encode_args(row, a)
+        if enc is not None and not (bundle / "manifest.json").exists():
+            run(["encode", *enc, "--out", str(bundle)], log)
+        run(eval_args(row, bundle, report, a), log)
+        r = json.loads(report.read_text())
+        if enc is not None:  # the row's full recipe: how its bundle was made, next to how it was evaluated
+            r["encode_command"] = "ddcodec " + shlex.join(["encode", *enc, "--out", str(bundle)])
+            report.write_text(json.dumps(r, indent=2) + "\n")
+        print(f"{row}: {100 * r['mean']:.2f} ± {100 * r['std']:.2f}", flush=True)
+    rows = [str(out / f"{row}.json") for row in a.rows if (out / f"{row}.json").exists()]
+    table = subprocess.run([sys.executable, str(Path(__file__).with_name("eval_table.py")), *rows],
+                           capture_output=True, text=True, check=True).stdout
+    (out / "table.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
