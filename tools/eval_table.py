@@ -28,7 +28,9 @@ def row(r: dict[str, Any]) -> str:
     """One table row for one report."""
     if r["kind"] == "bundle":
         b = r["bundle"]
-        what = f"{b['method']} bundle ({b['generator']}, {r['labels']['used']})"
+        method = b["method"] + (f"-{b['method_params']['loss']}" if b["method"] == "ld3m" else "")
+        labels = r["labels"]["used"] + (f", online {r['labels']['online_teacher']}" if r["labels"].get("online_teacher") else "")
+        what = f"{method} bundle ({b['generator']}, {labels})"
         ipc, size, soft = b["ipc"], human(b["bytes"]), human(b["soft_label_bytes"])
     else:
         d = r["data"]
@@ -53,7 +55,10 @@ def main() -> None:
     if args.commands:
         print()
         for path, r in zip(args.reports, reports):
-            print(f"- `{path.name}`: `{r['command']}`")
+            if r.get("encode_command"):
+                print(f"- `{path.name}`: `{r['encode_command']}` then `{r['command']}`")
+            else:
+                print(f"- `{path.name}`: `{r['command']}`")
 
 
 if __name__ == "__main__":
