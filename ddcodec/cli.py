@@ -15,7 +15,8 @@ from .errors import DDCodecError
 
 # Extra sub-commands contributed by other modules: name -> "module:register" where
 # register(subparsers) adds the parser and sets `func`.
-PLUGINS = ["ddcodec.prior.cli:register", "ddcodec.labels.cli:register", "ddcodec.eval.cli:register"]
+PLUGINS = ["ddcodec.prior.cli:register", "ddcodec.labels.cli:register", "ddcodec.eval.cli:register",
+           "ddcodec.methods.experts:register"]
 
 
 def _quiet() -> None:

@@ -1,9 +1,11 @@
 """Time one LD3M distillation step, split into the generator (T checkpointed denoiser calls, forward and backward)
-and the DM/DC objective on the decoded images, for a given prior, IPC, class count, T and real batch.
+and the DM/DC/MTT objective on the decoded images, for a given prior, IPC, class count, T and real batch.
 
     python tools/bench_ld3m.py --generator builtin:tiny --classes 10 --ipc 1 --steps 10 --batch-real 256 --loss dm
+    python tools/bench_ld3m.py --generator builtin:tiny --classes 10 --ipc 1 --steps 10 --loss mtt --syn-steps 20
 
-Real images are random pixels (the cost does not depend on their content). Prints wall and CPU seconds per step.
+Real images are random pixels and MTT's expert trajectories random perturbations of a seeded ConvNet (the cost
+depends on neither's content). Prints wall and CPU seconds per step.
 """
 
 from __future__ import annotations
@@ -16,8 +18,25 @@ import torch
 from ddcodec.generators.ld3m import LD3MPipeline
 from ddcodec.generators.prior import load_prior
 from ddcodec.methods.common import generator_record
+from ddcodec.methods.experts import flatten, matching_convnet
 from ddcodec.methods.ld3m import Config, Distiller, balanced_micro_batch
 from ddcodec.methods.matching import DSA_STRATEGY, dc_loops
+
+
+class RandomExperts:
+    """Stands in for an ExpertBuffer: trajectories of random steps from a seeded ConvNet (timing only)."""
+
+    def __init__(self, num_classes: int, size: tuple[int, int], epochs: int = 30, count: int = 2) -> None:
+        torch.manual_seed(0)
+        self.start = flatten(matching_convnet(num_classes, size))
+        self.epochs, self.count = epochs, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def pair(self, k: int, start: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(k * 1000 + start)
+        return self.start, self.start + 1e-3 * span * torch.randn(self.start.shape, generator=g)
 
 
 def main() -> None:
@@ -28,7 +47,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--batch-real", type=int, default=256)
-    p.add_argument("--loss", choices=("dm", "dc"), default="dm")
+    p.add_argument("--loss", choices=("dm", "dc", "mtt"), default="dm")
+    p.add_argument("--syn-steps", type=int, default=20, help="mtt: student steps N")
+    p.add_argument("--batch-syn", type=int, default=None, help="mtt: synthetic images per student step (default all)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--iterations", type=int, default=3)
@@ -50,8 +71,10 @@ def main() -> None:
     c0 = pipe.condition(list(range(n)))["encoder_hidden_states"].detach().float()
     pools = [torch.randint(0, 256, (max(a.batch_real, 1), 3, *size), dtype=torch.uint8) for _ in range(a.classes)]
     outer, inner = dc_loops(a.ipc) if a.loss == "dc" else (1, 0)
-    cfg = Config(a.loss, a.iterations, 1e-2, 1e-2, "sgd", 0.5, a.batch_real, DSA_STRATEGY, 10**9, 1, outer, inner)
-    d = Distiller(pipe, z0, c0, pools, cfg, seed=0)
+    cfg = Config(a.loss, a.iterations, 1e-2, 1e-2, "sgd", 0.5, a.batch_real, DSA_STRATEGY, 10**9, 1, outer, inner,
+                 syn_steps=a.syn_steps, batch_syn=a.batch_syn)
+    experts = RandomExperts(a.classes, size) if a.loss == "mtt" else None
+    d = Distiller(pipe, z0, c0, pools, cfg, seed=0, experts=experts)
 
     def timed(fn):
         if device.type == "cuda":
@@ -73,7 +96,8 @@ def main() -> None:
             step.append((w3, c3))
     mean = lambda xs, i: sum(x[i] for x in xs) / len(xs)  # noqa: E731
     print(f"{a.generator} n={n} T={a.steps} guidance={a.guidance_scale} micro_batch={pipe.micro_batch} "
-          f"loss={a.loss} batch_real={a.batch_real} device={device} threads={torch.get_num_threads()}")
+          f"loss={a.loss} " + (f"syn_steps={a.syn_steps} batch_syn={a.batch_syn or n} " if a.loss == "mtt" else
+                              f"batch_real={a.batch_real} ") + f"device={device} threads={torch.get_num_threads()}")
     print(f"  full step        wall {mean(step, 0):.3f} s   cpu {mean(step, 1):.3f} s")
     print(f"  generator fwd    wall {mean(gen, 0):.3f} s   cpu {mean(gen, 1):.3f} s   (images only; backward is in the step)")
     print(f"  objective+bwd    wall {mean(obj, 0):.3f} s   cpu {mean(obj, 1):.3f} s   (includes the generator backward)")

@@ -1,7 +1,8 @@
 """LD3M (Moser et al., TMLR): learn latent codes Z (initialised from VAE encodings of real images) and conditioning
-codes c (initialised from the class embedding) through the whole T-step reverse process of eq. 12, with a DM or DC
-loss on the decoded images. The bundle stores Z and c (fp16, optimised through that rounding), T, the scheduler and
-the seeds; `ddcodec.generators.ld3m` regenerates exactly the images that were optimised.
+codes c (initialised from the class embedding) through the whole T-step reverse process of eq. 12, with a DM, DC or
+MTT loss on the decoded images (MTT reads an expert buffer from `ddcodec experts train`). The bundle stores Z and c
+(fp16, optimised through that rounding), T, the scheduler and the seeds; `ddcodec.generators.ld3m` regenerates exactly
+the images that were optimised.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
 from tqdm import tqdm
 
 from ..bundle import Bundle, derive_seed, new_manifest, write_bundle
@@ -27,13 +30,15 @@ from ..parallel import init_from_env, is_main
 from .checkpoint import WorkDir
 from .common import (check_class_sizes, class_indices, default_prompts, encode_latents, generator_record, image_size,
                      load_images, option, pick_random, seeded_subset, work_params)
+from .experts import ExpertBuffer, param_layout, unflatten
 from .matching import (DSA_STRATEGY, Augmentation, dc_class_loss, dc_loops, dm_class_loss, parse_strategy,
                        train_network)
 
+LOSSES = ("dm", "dc", "mtt")
 CODE_DTYPE = torch.float16  # stored precision of Z and c; the optimisation sees exactly these values
 DEFAULTS: dict[str, Any] = {
     "ld3m_loss": "dm",
-    "lr": {"dm": 1e-2, "dc": 1e-3},           # paper A.3, for Z and c alike
+    "lr": {"dm": 1e-2, "dc": 1e-3, "mtt": 10.0},  # paper A.3, for Z and c alike
     "optimizer": "sgd", "momentum": 0.5,      # paper Table 8 (GLaD's SGD with momentum 0.5)
     "batch_real": 256,                        # paper Table 8
     "eta": 1.0,                               # eq. 12 draws sigma_t * eps_t at every step
@@ -42,6 +47,10 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint_every": 50,
     "variants": 1,                            # one seeded noise draw: the consumer sees exactly the optimised set
     "lr_net": 0.01, "batch_train": 256,       # DC inner loop (DC defaults)
+    # MTT (Cazenavette et al. 2022): expert epochs M and max start epoch as MTT's CIFAR-10 IPC 10 run, N = 20 synthetic
+    # steps as LD3M A.3 (and MTT's default), learnable synthetic lr initialised at 0.01 and updated by SGD (lr 1e-5,
+    # momentum 0.5), as MTT
+    "expert_epochs": 2, "max_start_epoch": 20, "syn_steps": 20, "syn_lr": 0.01, "lr_lr": 1e-5, "lr_momentum": 0.5,
 }
 
 
@@ -57,11 +66,11 @@ def default_iterations(size: tuple[int, int]) -> int:
 
 def add_arguments(group: Any) -> None:
     """LD3M options (default None: the method's defaults apply)."""
-    group.add_argument("--ld3m-loss", choices=("dm", "dc"), default=None,
-                       help="ld3m: distillation loss, distribution (dm, default) or gradient matching (dc)")
+    group.add_argument("--ld3m-loss", choices=LOSSES, default=None,
+                       help="ld3m: distillation loss, distribution (dm, default), gradient (dc) or trajectory matching (mtt)")
     group.add_argument("--iterations", type=int, default=None, help="ld3m: optimisation steps (default 5000; 10000 above 128 px)")
-    group.add_argument("--lr-z", type=float, default=None, help="ld3m: learning rate of the latent codes Z (dm 1e-2, dc 1e-3)")
-    group.add_argument("--lr-c", type=float, default=None, help="ld3m: learning rate of the conditioning codes c (dm 1e-2, dc 1e-3)")
+    group.add_argument("--lr-z", type=float, default=None, help="ld3m: learning rate of the latent codes Z (dm 1e-2, dc 1e-3, mtt 10)")
+    group.add_argument("--lr-c", type=float, default=None, help="ld3m: learning rate of the conditioning codes c (dm 1e-2, dc 1e-3, mtt 10)")
     group.add_argument("--ld3m-optimizer", choices=("sgd", "adam"), default=None,
                        help="ld3m: sgd with momentum 0.5 (default, as the paper) or adam")
     group.add_argument("--steps", type=int, default=None,
@@ -74,6 +83,14 @@ def add_arguments(group: Any) -> None:
     group.add_argument("--checkpoint-every", type=int, default=None, help="ld3m: save resumable state every N iterations (default 50)")
     group.add_argument("--candidates", type=int, default=None,
                        help="real images per class considered (d4m, ld3m: all; dace/rded: 300)")
+    group.add_argument("--expert-dir", default=None, help="ld3m mtt: expert buffer from `ddcodec experts train` (required)")
+    group.add_argument("--expert-epochs", type=int, default=None, help="ld3m mtt: target is M expert epochs after the start (default 2)")
+    group.add_argument("--max-start-epoch", type=int, default=None,
+                       help="ld3m mtt: start epochs are drawn below this, and at most E - M (default 20)")
+    group.add_argument("--syn-steps", type=int, default=None, help="ld3m mtt: student SGD steps N on the synthetic images (default 20)")
+    group.add_argument("--batch-syn", type=int, default=None, help="ld3m mtt: synthetic images per student step (default all)")
+    group.add_argument("--syn-lr", type=float, default=None, help="ld3m mtt: initial learnable student learning rate (default 0.01)")
+    group.add_argument("--lr-lr", type=float, default=None, help="ld3m mtt: learning rate of the student learning rate (default 1e-5)")
     softlabels.add_arguments(group)
 
 
@@ -95,13 +112,22 @@ class Config:
     inner_loop: int = 0
     lr_net: float = DEFAULTS["lr_net"]
     batch_train: int = DEFAULTS["batch_train"]
+    expert_epochs: int = DEFAULTS["expert_epochs"]
+    max_start_epoch: int = DEFAULTS["max_start_epoch"]
+    syn_steps: int = DEFAULTS["syn_steps"]
+    batch_syn: int | None = None  # None: all synthetic images in every student step
+    syn_lr: float = DEFAULTS["syn_lr"]
+    lr_lr: float = DEFAULTS["lr_lr"]
 
     def record(self) -> dict[str, Any]:
         rec = {"loss": self.loss, "iterations": self.iterations, "lr_z": self.lr_z, "lr_c": self.lr_c,
                "optimizer": self.optimizer, "momentum": self.momentum if self.optimizer == "sgd" else None,
-               "batch_real": self.batch_real, "dsa": self.dsa, "joint_classes": True}
+               "batch_real": self.batch_real if self.loss != "mtt" else None, "dsa": self.dsa, "joint_classes": True}
         if self.loss == "dc":
             rec.update(outer_loop=self.outer_loop, inner_loop=self.inner_loop, lr_net=self.lr_net, batch_train=self.batch_train)
+        if self.loss == "mtt":
+            rec.update(expert_epochs=self.expert_epochs, max_start_epoch=self.max_start_epoch, syn_steps=self.syn_steps,
+                       batch_syn=self.batch_syn, syn_lr=self.syn_lr, lr_lr=self.lr_lr, lr_momentum=DEFAULTS["lr_momentum"])
         return rec
 
 
@@ -114,17 +140,18 @@ def seeded_convnet(seed: int, num_classes: int, size: tuple[int, int], device: t
 
 
 class Distiller:
-    """Holds Z and c (fp32 masters, seen through fp16 rounding), the optimiser and the matching network."""
+    """Holds Z and c (fp32 masters, seen through fp16 rounding), the optimiser and the matching network (MTT: the
+    expert buffer and the learnable student learning rate)."""
 
     def __init__(self, pipe: LD3MPipeline, z0: torch.Tensor, c0: torch.Tensor, real: list[torch.Tensor],
-                 cfg: Config, seed: int) -> None:
+                 cfg: Config, seed: int, experts: ExpertBuffer | None = None, num_classes: int | None = None) -> None:
         self.pipe, self.cfg, self.seed = pipe, cfg, seed
         self.device = pipe.device
         self.z = z0.detach().float().clone().to(self.device).requires_grad_(True)
         self.c = c0.detach().float().clone().to(self.device).requires_grad_(True)
         self.class_ids = pipe.items["class_ids"].to(self.device)
         self.ids = list(range(len(self.z)))
-        self.num_classes = len(real)
+        self.num_classes = len(real) if num_classes is None else num_classes
         self.members = [torch.nonzero(self.class_ids == k).flatten() for k in range(self.num_classes)]
         # DM is a sum of independent per-class terms against a frozen network, so torchrun ranks split the
         # classes (class k on rank k mod world) and get the same codes as one process. DC trains one network
@@ -140,6 +167,18 @@ class Distiller:
         self.opt = (torch.optim.SGD(groups, lr=cfg.lr_z, momentum=cfg.momentum) if cfg.optimizer == "sgd"
                     else torch.optim.Adam(groups, lr=cfg.lr_z))
         self.net: ConvNet | None = None
+        self.experts = experts
+        self.syn_lr: torch.Tensor | None = None
+        self.opt_lr: torch.optim.Optimizer | None = None
+        if cfg.loss == "mtt":
+            if experts is None:
+                raise DDCodecError("--ld3m-loss mtt needs --expert-dir", "train a buffer with ddcodec experts train")
+            # the student is the matching ConvNet run functionally on flat expert parameters
+            self.template = seeded_convnet(0, self.num_classes, pipe.image_size, self.device).requires_grad_(False)
+            self.layout = param_layout(self.template)
+            self.start_limit = mtt_start_limit(cfg, experts.epochs)
+            self.syn_lr = torch.tensor(cfg.syn_lr, dtype=torch.float32, device=self.device).requires_grad_(True)
+            self.opt_lr = torch.optim.SGD([self.syn_lr], lr=cfg.lr_lr, momentum=DEFAULTS["lr_momentum"])
         self.iteration = 0
         self.losses: list[float] = []
         self.seconds: list[float] = []
@@ -159,8 +198,11 @@ class Distiller:
 
     # the objective ------------------------------------------------------------------------------
     def network(self, it: int, fresh: bool = False) -> ConvNet:
-        """DM: a new random ConvNet every iteration. DC: re-initialised every outer_loop iterations."""
+        """DM: a new random ConvNet every iteration. DC: re-initialised every outer_loop iterations. MTT: the
+        functional template (its weights come from the experts)."""
         size = self.pipe.image_size
+        if self.cfg.loss == "mtt":
+            return self.template
         if self.cfg.loss == "dm":
             return seeded_convnet(derive_seed(self.seed, it, 0, "ld3m-net"), self.num_classes, size, self.device).requires_grad_(False)
         if fresh:
@@ -172,7 +214,10 @@ class Distiller:
 
     def objective(self, net: ConvNet, images: torch.Tensor, it: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """(sum, per-class terms) of the DM or DC loss of this rank's classes against seeded real batches, with a
-        shared DSA draw per class; `images` are this rank's items."""
+        shared DSA draw per class; `images` are this rank's items. MTT: one term over all classes."""
+        if self.cfg.loss == "mtt":
+            loss = self.trajectory_loss(images, it)
+            return loss, {0: loss}
         loss = images.new_zeros(())
         terms = {}
         for k in self.classes:
@@ -184,6 +229,30 @@ class Distiller:
             terms[k] = dm_class_loss(net, r, s) if self.cfg.loss == "dm" else dc_class_loss(net, r, s, k)
             loss = loss + terms[k]
         return loss, terms
+
+    def trajectory_loss(self, images: torch.Tensor, it: int) -> torch.Tensor:
+        """MTT (eq. 4): from expert k's parameters after epoch t, N SGD steps of the ConvNet on minibatches of the
+        synthetic images (hard labels, DSA, the learnable lr), keeping the graph; the squared distance to the expert's
+        parameters after epoch t + M, over the expert's own squared distance. Expert, start and batches are seeded by
+        the iteration."""
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(derive_seed(self.seed, it, 0, "ld3m-mtt"))
+        k = int(torch.randint(len(self.experts), (1,), generator=g))
+        t = int(torch.randint(self.start_limit, (1,), generator=g))
+        start, target = (p.to(self.device) for p in self.experts.pair(k, t, cfg.expert_epochs))
+        x, y = normalize(images), self.class_ids
+        batch = len(x) if cfg.batch_syn is None else cfg.batch_syn
+        w = start.clone().requires_grad_(True)
+        chunks: list[torch.Tensor] = []
+        for _ in range(cfg.syn_steps):
+            if not chunks:  # as MTT: a fresh permutation split into batch_syn chunks, taken from the end
+                chunks = list(torch.randperm(len(x), generator=g).split(batch))
+            idx = chunks.pop().to(self.device)
+            aug = Augmentation.sample(self.ops, g, self.pipe.image_size)
+            out = functional_call(self.template, unflatten(w, self.layout), (aug(x[idx]),))
+            grad = torch.autograd.grad(F.cross_entropy(out, y[idx]), w, create_graph=True)[0]
+            w = w - self.syn_lr * grad
+        return ((w - target) ** 2).sum() / ((start - target) ** 2).sum()
 
     def total(self, terms: dict[int, torch.Tensor]) -> float:
         """The loss over all classes, summed in class order (the same figure on any number of ranks)."""
@@ -213,8 +282,12 @@ class Distiller:
         images = self.render(it % self.cfg.variants)  # the generator runs oneDNN-free (bitwise); the ConvNet need not
         loss, terms = self.objective(net, images, it)
         self.opt.zero_grad(set_to_none=True)
+        if self.opt_lr is not None:
+            self.opt_lr.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        if self.opt_lr is not None:
+            self.opt_lr.step()
         if self.cfg.loss == "dc" and (it + 1) % self.cfg.outer_loop and self.cfg.inner_loop:
             g = torch.Generator().manual_seed(derive_seed(self.seed, it, 0, "ld3m-inner"))
             train_network(net, normalize(images.detach()), self.class_ids, self.cfg.inner_loop, self.cfg.lr_net,
@@ -234,17 +307,28 @@ class Distiller:
 
     # resumable state ----------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
-        """Every tensor needed to continue exactly: codes, optimiser, DC network, history."""
+        """Every tensor needed to continue exactly: codes, optimisers, DC network, MTT learning rate, history."""
         out = {"z": self.z, "c": self.c, "iteration": torch.tensor([self.iteration]),
                "losses": torch.tensor(self.losses, dtype=torch.float64),
                "seconds": torch.tensor(self.seconds, dtype=torch.float64),
                "probe_start": torch.tensor([self.probe_start if self.probe_start is not None else float("nan")])}
-        for i, p in enumerate((self.z, self.c)):
-            for key, v in self.opt.state.get(p, {}).items():
-                out[f"opt.{i}.{key}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        for prefix, opt, params in self.optimizers():
+            for i, p in enumerate(params):
+                for key, v in opt.state.get(p, {}).items():
+                    if v is not None:
+                        out[f"{prefix}.{i}.{key}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        if self.syn_lr is not None:
+            out["syn_lr"] = self.syn_lr
         if self.net is not None:
             out.update({f"net.{k}": v for k, v in self.net.state_dict().items()})
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def optimizers(self) -> list[tuple[str, torch.optim.Optimizer, tuple[torch.Tensor, ...]]]:
+        """(state-key prefix, optimiser, its parameters): the codes' and, for MTT, the learning rate's."""
+        out = [("opt", self.opt, (self.z, self.c))]
+        if self.opt_lr is not None:
+            out.append(("opt_lr", self.opt_lr, (self.syn_lr,)))
+        return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Continue from state()."""
@@ -255,11 +339,14 @@ class Distiller:
         self.losses, self.seconds = state["losses"].tolist(), state["seconds"].tolist()
         probe = float(state["probe_start"][0])
         self.probe_start = None if probe != probe else probe
-        params = (self.z, self.c)
-        for key, v in state.items():
-            if key.startswith("opt."):
-                _, i, name = key.split(".", 2)
-                self.opt.state[params[int(i)]][name] = v if name == "step" else v.to(self.device)
+        if self.syn_lr is not None:
+            with torch.no_grad():
+                self.syn_lr.copy_(state["syn_lr"])
+        for prefix, opt, params in self.optimizers():
+            for key, v in state.items():
+                if key.startswith(prefix + "."):
+                    _, i, name = key.split(".", 2)
+                    opt.state[params[int(i)]][name] = v if name == "step" else v.to(self.device)
         net = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
         self.net = None
         if net and self.cfg.loss == "dc" and self.iteration % self.cfg.outer_loop:
@@ -288,17 +375,23 @@ class Distiller:
 def config_from_args(args: Any, ipc: int, size: tuple[int, int], variants: int) -> Config:
     """The optimisation settings from parsed args and the paper's defaults; one-line errors."""
     loss = option(args, "ld3m_loss", DEFAULTS["ld3m_loss"])
-    if loss not in ("dm", "dc"):
-        raise DDCodecError(f"unknown --ld3m-loss {loss!r}", "use dm or dc")
+    if loss not in LOSSES:
+        raise DDCodecError(f"unknown --ld3m-loss {loss!r}", "use dm, dc or mtt")
     lr = DEFAULTS["lr"][loss]
     outer, inner = dc_loops(ipc) if loss == "dc" else (1, 0)
+    batch_syn = option(args, "batch_syn", None)
     cfg = Config(loss=loss, iterations=int(option(args, "iterations", default_iterations(size))),
                  lr_z=float(option(args, "lr_z", lr)), lr_c=float(option(args, "lr_c", lr)),
                  optimizer=option(args, "ld3m_optimizer", DEFAULTS["optimizer"]), momentum=DEFAULTS["momentum"],
                  batch_real=int(option(args, "batch_real", DEFAULTS["batch_real"])),
                  dsa=str(option(args, "dsa_strategy", DEFAULTS["dsa_strategy"])),
                  checkpoint_every=int(option(args, "checkpoint_every", DEFAULTS["checkpoint_every"])),
-                 variants=variants, outer_loop=outer, inner_loop=inner)
+                 variants=variants, outer_loop=outer, inner_loop=inner,
+                 expert_epochs=int(option(args, "expert_epochs", DEFAULTS["expert_epochs"])),
+                 max_start_epoch=int(option(args, "max_start_epoch", DEFAULTS["max_start_epoch"])),
+                 syn_steps=int(option(args, "syn_steps", DEFAULTS["syn_steps"])),
+                 batch_syn=None if batch_syn is None else int(batch_syn),
+                 syn_lr=float(option(args, "syn_lr", DEFAULTS["syn_lr"])), lr_lr=float(option(args, "lr_lr", DEFAULTS["lr_lr"])))
     if cfg.iterations < 0:
         raise DDCodecError(f"--iterations must be 0 or more, not {cfg.iterations}")
     if not (cfg.lr_z >= 0 and cfg.lr_c >= 0):
@@ -308,7 +401,34 @@ def config_from_args(args: Any, ipc: int, size: tuple[int, int], variants: int) 
     if cfg.checkpoint_every < 1:
         raise DDCodecError(f"--checkpoint-every must be at least 1, not {cfg.checkpoint_every}")
     parse_strategy(cfg.dsa)
+    if loss == "mtt":
+        for name, value in (("--expert-epochs", cfg.expert_epochs), ("--max-start-epoch", cfg.max_start_epoch),
+                            ("--syn-steps", cfg.syn_steps), ("--batch-syn", 1 if cfg.batch_syn is None else cfg.batch_syn)):
+            if value < 1:
+                raise DDCodecError(f"{name} must be at least 1, not {value}")
+        if not (cfg.syn_lr > 0 and cfg.lr_lr >= 0):
+            raise DDCodecError(f"--syn-lr must be more than 0 and --lr-lr 0 or more, not {cfg.syn_lr} and {cfg.lr_lr}")
     return cfg
+
+
+def mtt_start_limit(cfg: Config, buffer_epochs: int) -> int:
+    """Start epochs are drawn from [0, limit): below --max-start-epoch, and with t + M within the buffer's epochs."""
+    if cfg.expert_epochs > buffer_epochs:
+        raise DDCodecError(f"--expert-epochs {cfg.expert_epochs} is more than the expert buffer's {buffer_epochs} epochs",
+                           f"use --expert-epochs {buffer_epochs} or less, or train experts with more --epochs")
+    return min(cfg.max_start_epoch, buffer_epochs - cfg.expert_epochs + 1)
+
+
+def open_experts(args: Any) -> ExpertBuffer | None:
+    """The expert buffer for --ld3m-loss mtt (one-line errors before any work), else None."""
+    loss = option(args, "ld3m_loss", DEFAULTS["ld3m_loss"])
+    expert_dir = option(args, "expert_dir", None)
+    if loss != "mtt":
+        return None
+    if not expert_dir:
+        raise DDCodecError("--ld3m-loss mtt needs --expert-dir DIR",
+                           "train a buffer first: ddcodec experts train --data SRC --out DIR")
+    return ExpertBuffer(expert_dir)
 
 
 def generation_params(args: Any, prior: LatentPrior, size: tuple[int, int]) -> dict[str, Any]:
@@ -364,6 +484,7 @@ def encode(args: Any) -> tuple[Bundle, Distiller]:
     ipc, seed = int(args.ipc), int(args.seed)
     if ipc < 1:
         raise DDCodecError(f"--ipc must be at least 1, not {ipc}")
+    experts = open_experts(args)
     source = load_source(args.data, args.split)
     raw = list(source.classes)
     names = readable_names(raw)
@@ -378,11 +499,16 @@ def encode(args: Any) -> tuple[Bundle, Distiller]:
     device = torch.device(option(args, "device", "cpu"))
     size = image_size(source, per_class[0], args.image_size)
     cfg = config_from_args(args, ipc, size, labels.variants)
+    mtt: dict[str, Any] = {}
+    if experts is not None:
+        layout = param_layout(seeded_convnet(0, len(names), size, torch.device("cpu")))
+        experts.check(names, size, convnet_depth(min(size)), layout)
+        mtt = {**experts.record(), "start_epoch_limit": mtt_start_limit(cfg, experts.epochs)}
     prior = load_prior(args.generator, num_classes=len(names))
     gen_params = generation_params(args, prior, size)
     teacher = softlabels.open_teacher(labels.teacher, device) if labels.kind == "soft" else None
     params: dict[str, Any] = {"ipc": ipc, "data": str(args.data), "split": args.split, "candidates": candidates,
-                              **cfg.record(), **labels.record()}
+                              **cfg.record(), **mtt, **labels.record()}
     work = WorkDir(args.out, work_params(args, prior, **params, **gen_params, device=str(device)))
     prior.to(device)
 
@@ -397,8 +523,9 @@ def encode(args: Any) -> tuple[Bundle, Distiller]:
     pipe = LD3MPipeline(prior, record, {"class_ids": class_ids, "latents": init["z"]}, default_prompts(names), seed, size,
                         device=device, dtype=torch.float32)
     c0 = pipe.condition(list(range(len(class_ids))))["encoder_hidden_states"].detach().float()
-    pools = load_pools(source, per_class, candidates, seed, size)
-    distiller = Distiller(pipe, init["z"], c0, pools, cfg, seed)
+    # MTT reads no real images here: the experts were trained on them
+    pools = load_pools(source, per_class, candidates, seed, size) if cfg.loss != "mtt" else []
+    distiller = Distiller(pipe, init["z"], c0, pools, cfg, seed, experts=experts, num_classes=len(names))
     distiller.run(work, label=f"ld3m {cfg.loss}")
 
     z, c = (t.detach().to(CODE_DTYPE).cpu() for t in distiller.codes())
@@ -407,6 +534,8 @@ def encode(args: Any) -> tuple[Bundle, Distiller]:
                   step_device=str(device), loss_first=distiller.losses[0] if distiller.losses else None,
                   loss_last=distiller.losses[-1] if distiller.losses else None,
                   probe_loss_start=distiller.probe_start, probe_loss_end=distiller.probe())
+    if distiller.syn_lr is not None:
+        params["syn_lr_learned"] = float(distiller.syn_lr.detach())
     manifest = new_manifest(method="ld3m", params=params, seed=seed, class_names=names, prompts=default_prompts(names),
                             image_size=size, variants=labels.variants, generator=record)
     payloads = {"items": {"class_ids": class_ids, "latents": z.contiguous(), "cond": c.contiguous()}}
