@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import threading
 import time
@@ -56,6 +57,7 @@ class DistilledDataset(IterableDataset):
         self.return_ids = return_ids
         self.online_teacher, self.teacher_temperature = resolve_online_teacher(
             self.bundle.manifest, online_teacher, teacher_temperature, self.device)
+        self._teacher_name = online_teacher if isinstance(online_teacher, str) else None  # reloaded by name in workers
         self.allow_different_weights = allow_different_weights
         self._prior = prior
         self._pipeline = None
@@ -142,6 +144,14 @@ class DistilledDataset(IterableDataset):
         if worker is None:
             self._start, self._step = 0, 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What spawn/forkserver DataLoader workers receive (see worker_state)."""
+        return worker_state(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild in a worker what __getstate__ left out."""
+        restore_worker_state(self, state, state["bundle"].manifest)
+
     def loader(self, num_workers: int = 0, **kwargs: Any) -> "TrackingLoader":
         """A DataLoader over this dataset that keeps state_dict() exact with workers."""
         return TrackingLoader(self, num_workers=num_workers, **kwargs)
@@ -195,13 +205,16 @@ def batch_labels(manifest: dict[str, Any], label_rows: dict[str, torch.Tensor] |
 
 
 class TrackingLoader:
-    """Iterates a DataLoader(dataset, batch_size=None) and records each consumed batch on the dataset."""
+    """Iterates a DataLoader(dataset, batch_size=None) and records each consumed batch on the dataset.
+
+    Workers start with `safe_start_method()` (forkserver, else spawn) unless another `multiprocessing_context` is given.
+    """
 
     def __init__(self, dataset: DistilledDataset, num_workers: int = 0, **kwargs: Any) -> None:
         self.dataset = dataset
         self.kwargs = {"batch_size": None, "num_workers": num_workers, **kwargs}
-        if num_workers > 0:
-            self.kwargs.setdefault("multiprocessing_context", "fork" if dataset.device.type == "cpu" else "spawn")
+        if num_workers > 0 and self.kwargs.get("multiprocessing_context", "forkserver") == "forkserver":
+            self.kwargs["multiprocessing_context"] = safe_start_method()
 
     def __len__(self) -> int:
         return len(self.dataset) - self.dataset._start
@@ -209,12 +222,69 @@ class TrackingLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         ds = self.dataset
         start = ds._start
-        if self.kwargs["num_workers"] > 0 and self.kwargs.get("multiprocessing_context") == "fork":
+        method = start_method(self.kwargs.get("multiprocessing_context")) if self.kwargs["num_workers"] > 0 else None
+        if method == "fork":
             settle_feeder_threads()
-        for k, batch in enumerate(DataLoader(ds, **self.kwargs)):
+        for k, batch in enumerate(start_workers(DataLoader(ds, **self.kwargs), method)):
             ds._step = start + k + 1
             yield batch
         ds._start, ds._step = 0, 0
+
+
+def worker_state(ds: Any) -> dict[str, Any]:
+    """What a spawn/forkserver DataLoader worker gets: no built pipeline, a teacher loaded by name as its name.
+
+    Both are rebuilt in the worker; a loaded teacher also has more tensors than forkserver can pass (~250 fds).
+    """
+    state = dict(ds.__dict__)
+    if "_pipeline" in state:
+        state["_pipeline"] = None
+    if state.get("_teacher_name"):
+        state["online_teacher"] = None
+    return state
+
+
+def restore_worker_state(ds: Any, state: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """Inverse of worker_state(): reload a teacher given by name."""
+    ds.__dict__.update(state)
+    if state.get("_teacher_name"):
+        name = state["_teacher_name"]
+        ds.online_teacher = resolve_online_teacher(manifest, name, ds.teacher_temperature, ds.device)[0]
+
+
+WORKER_MODULES = ["torch", "ddcodec.loader"]  # imported once by the forkserver, so each worker starts without importing
+
+
+def safe_start_method() -> multiprocessing.context.BaseContext:
+    """forkserver where the platform has it, else spawn: never fork a parent that may have threads (gh-112275)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    from multiprocessing import forkserver
+    ctx = multiprocessing.get_context("forkserver")
+    preload = list(getattr(forkserver._forkserver, "_preload_modules", None) or ["__main__"])
+    ctx.set_forkserver_preload(preload + [m for m in WORKER_MODULES if m not in preload])  # no effect once running
+    forkserver.ensure_running()  # starts the server process now: its imports overlap whatever the caller does next
+    return ctx
+
+
+def start_method(context: Any) -> str:
+    """The start method a DataLoader's `multiprocessing_context` (a name, a context, or None) uses."""
+    if context is None:  # torch's default context; allow_none so that asking does not fix the default
+        return multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    return context if isinstance(context, str) else context.get_start_method()
+
+
+def start_workers(loader: DataLoader, method: str | None) -> Iterator[Any]:
+    """iter(loader), refusing in one line a dataset that cannot be sent to spawn/forkserver workers."""
+    try:
+        return iter(loader)
+    except Exception as e:
+        if method in (None, "fork") or isinstance(e, DDCodecError):
+            raise
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise DDCodecError(f"cannot send the dataset to {method!r} DataLoader workers ({reason})",
+                           "give online_teacher by name or as a top-level function (not a lambda), or pass "
+                           "multiprocessing_context='spawn' (no limit on tensors) or 'fork'") from e
 
 
 def settle_feeder_threads(timeout: float = 2.0) -> None:

@@ -11,7 +11,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..bundle.shards import ShardReader, expand_urls
 from ..errors import DDCodecError
 from ..generators.pipelines import build_pipeline, pipeline_class
-from .dataset import TrackingLoader, batch_labels, dist_info, resolve_online_teacher, resume_position
+from .dataset import (TrackingLoader, batch_labels, dist_info, resolve_online_teacher, restore_worker_state, resume_position,
+                      worker_state)
 from .order import cut, item_order, shard_order, shard_slots, slot_steps
 
 
@@ -53,6 +54,7 @@ class StreamingDistilledDataset(IterableDataset):
             raise DDCodecError(f"rank {self.rank} is outside world size {self.world_size}")
         self.online_teacher, self.teacher_temperature = resolve_online_teacher(
             self.manifest, online_teacher, teacher_temperature, self.device)
+        self._teacher_name = online_teacher if isinstance(online_teacher, str) else None  # reloaded by name in workers
         self.allow_different_weights, self._prior = allow_different_weights, prior
         self.steps = slot_steps(self.counts, self.world_size, self.workers, self.batch_size)  # fail early
         self._check_streamable()
@@ -160,6 +162,14 @@ class StreamingDistilledDataset(IterableDataset):
             self._step = p + 1
             yield self.regenerate(ids, rows)
         self._start, self._step = 0, 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What spawn/forkserver DataLoader workers receive (see worker_state)."""
+        return worker_state(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild in a worker what __getstate__ left out."""
+        restore_worker_state(self, state, state["manifest"])
 
     def loader(self, **kwargs: Any) -> TrackingLoader:
         """A DataLoader with this stream's num_workers that keeps state_dict() exact."""
