@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -105,6 +106,7 @@ def main() -> None:
     p.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the report (and the command) to this file")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -132,6 +134,12 @@ def main() -> None:
                      **{name: {"time_ratio": ratios(v["time"]), "inertia_ratio": ratios(v["inertia"])} for name, v in rows.items()}}
         print(f"ipc {k}: " + json.dumps(report[k]))
     print(json.dumps(report, indent=1))
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"command": "python tools/bench_kmeans.py " + " ".join(sys.argv[1:]), "generator": a.generator,
+                       "per_class": a.per_class, "classes": a.classes, "repeats": a.repeats,
+                       "threads": torch.get_num_threads(), "ipc": report}, fh, indent=1)
+            fh.write("\n")
 
 
 if __name__ == "__main__":

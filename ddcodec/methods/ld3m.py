@@ -301,7 +301,8 @@ class Distiller:
 
     def probe(self) -> float:
         """The loss of the current codes under iteration 0's fresh network, batches and augmentation (a fixed yardstick)."""
-        images = self.render(0, grad=False)
+        with torch.no_grad():  # grad=False skips checkpointing, so in grad mode autograd would keep all T calls' activations
+            images = self.render(0, grad=False)
         with torch.enable_grad():
             return self.total(self.objective(self.network(0, fresh=True), images, 0)[1])
 
