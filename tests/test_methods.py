@@ -156,6 +156,9 @@ def test_online_labels(data, tmp_path):
     assert torch.allclose(soft, expected, atol=1e-6) and not torch.equal(soft, F.one_hot(hard, 10).float())
     with pytest.raises(DDCodecError, match="names no online teacher"):
         DistilledDataset(bundles_dir_hard(tmp_path, data), online_teacher="bundle")
+    from ddcodec.eval.train import TrainConfig, eval_bundle
+    r = eval_bundle(tmp_path / "online", "convnet3", data[0], TrainConfig(epochs=1, batch_size=10), [0], test_limit=20)
+    assert r["labels"]["online_teacher"] == "cifar10-resnet56" and r["labels"]["used"] == "soft (KL)"
 
 
 def bundles_dir_hard(tmp_path, data):

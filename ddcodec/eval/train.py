@@ -183,8 +183,8 @@ def _label_setup(bundle: Any, cfg: TrainConfig) -> tuple[bool, float, Any, dict[
         float((online or {}).get("temperature", 1.0))
     teacher = None
     if soft and lab["kind"] != "soft":
-        from ..labels.teachers import load_teacher
-        teacher = load_teacher(online["name"], cfg.device)
+        from ..loader.dataset import resolve_online_teacher
+        teacher, _ = resolve_online_teacher(bundle.manifest, "bundle", stored_t, torch.device(cfg.device))
     record = {"kind": lab["kind"], "used": "soft (KL)" if soft else "hard (CE)", "stored_temperature": stored_t,
               "temperature": (cfg.temperature or stored_t) if soft else None,
               "online_teacher": online["name"] if teacher is not None else None,
