@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -70,3 +71,37 @@ def noisy_bundle(tiny_bundle, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "noisy"
     write_bundle(out, m, {"items": {k: v[keep] for k, v in b.items.items()}})
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on 2 shared cores oversubscribed threads make small convolutions 10x slower, and the
+    ConvNet's results depend on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def cifar4(tmp_path_factory, request) -> Path:
+    """6 real train images of each of 4 CIFAR-10 classes: from the shipped sample (else the shared dataset's folder).
+
+    4 codes per bundle keep the tiny prior's reverse process fast on a shared 2-core CPU.
+    """
+    from ddcodec.data.sources import SAMPLES
+    root = tmp_path_factory.mktemp("cifar4")
+    sample = SAMPLES / "cifar10.tar"
+    if not sample.exists():
+        folder = request.getfixturevalue("cifar_folder")
+        for cls in sorted(p.name for p in (folder / "train").iterdir())[:4]:
+            shutil.copytree(folder / "train" / cls, root / "train" / cls)
+        return root
+    with tarfile.open(sample) as tar:
+        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.startswith("train/")), key=lambda m: m.name)
+        for cls in sorted({m.name.split("/")[1] for m in members})[:4]:
+            for m in [m for m in members if m.name.split("/")[1] == cls][:6]:
+                dest = root / m.name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(tar.extractfile(m).read())
+    return root

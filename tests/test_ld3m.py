@@ -3,8 +3,6 @@ the optimised images are exactly the regenerated ones, an interrupted encode res
 
 from __future__ import annotations
 
-import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -15,18 +13,18 @@ from ddcodec.cli import build_parser, main
 from ddcodec.loader import DistilledDataset
 from ddcodec.methods import ld3m
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data(cifar4) -> Path:
+    """6 real train images of each of 4 CIFAR-10 classes (conftest.cifar4)."""
+    return cifar4
+
+
 FAST = ["--ipc", "1", "--iterations", "4", "--steps", "2", "--batch-real", "6", "--checkpoint-every", "2"]
 DM = [*FAST, "--ld3m-loss", "dm", "--variants", "2", "--guidance-scale", "2"]
 DC = [*FAST, "--ld3m-loss", "dc", "--guidance-scale", "1", "--dsa-strategy", "none"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, oversubscribed threads make small convolutions 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def argv(data, out, extra: list[str]) -> list[str]:
@@ -36,31 +34,6 @@ def argv(data, out, extra: list[str]) -> list[str]:
 def encode(data, out, extra: list[str]):
     """(bundle, distiller) through the CLI's own argument parsing."""
     return ld3m.encode(build_parser().parse_args(argv(data, out, extra)))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, request) -> Path:
-    """6 real train images of each of 4 CIFAR-10 classes: from the shipped sample (else the shared dataset's folder).
-
-    4 codes per bundle keep the tiny prior's reverse process fast on a shared 2-core CPU.
-    """
-    from ddcodec.data.sources import SAMPLES
-    root = tmp_path_factory.mktemp("cifar4")
-    sample = SAMPLES / "cifar10.tar"
-    if not sample.exists():
-        folder = request.getfixturevalue("cifar_folder")
-        for cls in sorted(p.name for p in (folder / "train").iterdir())[:4]:
-            shutil.copytree(folder / "train" / cls, root / "train" / cls)
-        return root
-    with tarfile.open(sample) as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.startswith("train/")), key=lambda m: m.name)
-        classes = sorted({m.name.split("/")[1] for m in members})[:4]
-        for cls in classes:
-            for m in [m for m in members if m.name.split("/")[1] == cls][:6]:
-                dest = root / m.name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(tar.extractfile(m).read())
-    return root
 
 
 @pytest.fixture(scope="module")

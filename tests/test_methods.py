@@ -19,6 +19,8 @@ from ddcodec.loader import DistilledDataset
 from ddcodec.methods.checkpoint import WorkDir
 from ddcodec.methods.patch_selection import crop_box, stitch
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ARGS = {  # --candidates 6: every method reads only 6 seeded images per class
     "d4m": ["--ipc", "2", "--candidates", "6", "--steps", "4", "--variants", "2"],
     "dace": ["--ipc", "1", "--candidates", "6", "--variants", "2"],
@@ -26,15 +28,6 @@ ARGS = {  # --candidates 6: every method reads only 6 seeded images per class
 }
 METHODS = list(ARGS)
 SAMPLE = Path(__file__).resolve().parent.parent / "ddcodec" / "assets" / "samples" / "cifar10.tar"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, oversubscribed threads make small convolutions 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def encode(method: str, data, out, *extra: str) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -19,40 +18,19 @@ from ddcodec.loader import DistilledDataset
 from ddcodec.methods import experts as X
 from ddcodec.methods import ld3m
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data(cifar4) -> Path:
+    """6 real train images of each of 4 CIFAR-10 classes (conftest.cifar4)."""
+    return cifar4
+
+
 # 2 experts x 3 epochs; batch 4 gives 6 SGD steps an epoch on the 24 images, so the experts move measurably
 EXPERTS = ["--experts", "2", "--epochs", "3", "--batch-size", "4", "--threads", "1"]
 FAST = ["--ipc", "1", "--iterations", "4", "--steps", "2", "--checkpoint-every", "2", "--guidance-scale", "1"]
 MTT = [*FAST, "--ld3m-loss", "mtt", "--syn-steps", "3", "--dsa-strategy", "color_crop_flip"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread (2 shared cores); the ConvNet's results also depend on the thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, request) -> Path:
-    """6 real train images of each of 4 CIFAR-10 classes (as tests/test_ld3m.py)."""
-    from ddcodec.data.sources import SAMPLES
-    root = tmp_path_factory.mktemp("cifar4")
-    sample = SAMPLES / "cifar10.tar"
-    if not sample.exists():
-        folder = request.getfixturevalue("cifar_folder")
-        for cls in sorted(p.name for p in (folder / "train").iterdir())[:4]:
-            shutil.copytree(folder / "train" / cls, root / "train" / cls)
-        return root
-    with tarfile.open(sample) as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.startswith("train/")), key=lambda m: m.name)
-        for cls in sorted({m.name.split("/")[1] for m in members})[:4]:
-            for m in [m for m in members if m.name.split("/")[1] == cls][:6]:
-                dest = root / m.name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(tar.extractfile(m).read())
-    return root
 
 
 @pytest.fixture(scope="module")
