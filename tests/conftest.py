@@ -105,3 +105,18 @@ def cifar4(tmp_path_factory, request) -> Path:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(tar.extractfile(m).read())
     return root
+
+
+@pytest.fixture
+def interrupt_ld3m(monkeypatch):
+    """interrupt_ld3m(k): LD3M encodes stop with KeyboardInterrupt at iteration k (None: run through)."""
+    from ddcodec.methods import ld3m
+    step, at = ld3m.Distiller.step, {"k": None}
+
+    def flaky(self):
+        if self.iteration == at["k"]:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(ld3m.Distiller, "step", flaky)
+    return lambda k: at.update(k=k)

@@ -111,20 +111,13 @@ def test_optimised_images_are_the_regenerated_ones(request, which):
         assert all(torch.equal(optimised[i].detach(), regenerated[i]) for i in range(b.num_items))
 
 
-def test_resume_after_interruption_is_identical(dm, data, tmp_path, monkeypatch):
+def test_resume_after_interruption_is_identical(dm, data, tmp_path, interrupt_ld3m):
     """Interrupted after 3 of 4 iterations (state saved at 2), then re-run: the same codes and loss history."""
     out = tmp_path / "resumed"
-    step = ld3m.Distiller.step
-
-    def flaky(self):
-        if self.iteration == 3:
-            raise KeyboardInterrupt
-        return step(self)
-
-    monkeypatch.setattr(ld3m.Distiller, "step", flaky)
+    interrupt_ld3m(3)
     assert main(argv(data, out, DM)) == 130
     assert not out.exists() and (tmp_path / "resumed.partial" / "ld3m-state.safetensors").is_file()
-    monkeypatch.setattr(ld3m.Distiller, "step", step)
+    interrupt_ld3m(None)
     b, d = encode(data, out, DM)
     assert not (tmp_path / "resumed.partial").exists()
     ref, ref_d = dm

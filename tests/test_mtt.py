@@ -122,21 +122,14 @@ def test_optimised_images_are_the_regenerated_ones(mtt):
     assert all(torch.equal(optimised[i].detach(), regenerated[i]) for i in range(4))
 
 
-def test_resume_after_interruption_is_identical(mtt, data, buffer, tmp_path, monkeypatch):
+def test_resume_after_interruption_is_identical(mtt, data, buffer, tmp_path, interrupt_ld3m):
     """Killed after 3 of 4 iterations (state saved at 2, with the learned lr and its momentum), then re-run."""
     out = tmp_path / "resumed"
-    step = ld3m.Distiller.step
-
-    def flaky(self):
-        if self.iteration == 3:
-            raise KeyboardInterrupt
-        return step(self)
-
-    monkeypatch.setattr(ld3m.Distiller, "step", flaky)
+    interrupt_ld3m(3)
     assert main(argv(data, out, buffer, MTT)) == 130
     state = safetensors.torch.load_file(tmp_path / "resumed.partial" / "ld3m-state.safetensors")
     assert {"syn_lr", "opt_lr.0.momentum_buffer", "opt.0.momentum_buffer"} <= set(state)
-    monkeypatch.setattr(ld3m.Distiller, "step", step)
+    interrupt_ld3m(None)
     b, d = encode(data, out, buffer, MTT)
     ref, ref_d = mtt
     assert d.losses == ref_d.losses and torch.equal(d.syn_lr, ref_d.syn_lr)
