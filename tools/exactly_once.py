@@ -15,7 +15,6 @@ single-process run, and exact continuation after every resume. Any failure stops
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import sys
 import tempfile
@@ -35,16 +34,8 @@ def distributed_tests() -> Any:
 
 def make_bundle(work: Path) -> Path:
     """20 real CIFAR-10 sample images (2 per class), img2img at strength 0.5, 3 variants: seeded noise matters."""
-    from ddcodec.bundle import Bundle, write_bundle
-    from ddcodec.methods.random_subset import encode_random
-    base = encode_random("sample:cifar10", 2, work / "random", seed=3, generator="builtin:tiny", overwrite=True)
-    m = copy.deepcopy(base.manifest)
-    m["payloads"], m["variants"] = {}, 3
-    m.pop("fingerprints", None)
-    m["generator"]["params"] = {"strength": 0.5, "steps": 2, "guidance_scale": 1.5}
-    m["generator"]["micro_batch"] = 8
-    write_bundle(work / "noisy", m, {"items": Bundle.open(work / "random").items}, overwrite=True)
-    return work / "noisy"
+    from thread_determinism import make_bundle as img2img_bundle  # tools/ is on sys.path when a tool runs
+    return img2img_bundle(work, seed=3, steps=2, guidance=1.5, fingerprints=4)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,18 +42,19 @@ print(json.dumps({"threads": torch.get_num_threads(), "mkldnn": torch.backends.m
 """
 
 
-def make_bundle(work: Path) -> Path:
-    """A 3-variant img2img bundle (strength 0.5, 4 steps) of 20 real CIFAR-10 sample images, builtin:tiny prior."""
+def make_bundle(work: Path, seed: int = 0, steps: int = 4, guidance: float = 2.0, fingerprints: int = 6) -> Path:
+    """A 3-variant img2img bundle (strength 0.5) of 20 real CIFAR-10 sample images (2 per class), builtin:tiny prior."""
     import copy
     from ddcodec.bundle import Bundle, write_bundle
     from ddcodec.methods.random_subset import encode_random
-    base = encode_random("sample:cifar10", 2, work / "random", seed=0, generator="builtin:tiny", overwrite=True)
+    base = encode_random("sample:cifar10", 2, work / "random", seed=seed, generator="builtin:tiny", overwrite=True)
     m = copy.deepcopy(base.manifest)
     m["payloads"], m["variants"] = {}, 3
     m.pop("fingerprints", None)
-    m["generator"]["params"] = {"strength": 0.5, "steps": 4, "guidance_scale": 2.0}
+    m["generator"]["params"] = {"strength": 0.5, "steps": steps, "guidance_scale": guidance}
     m["generator"]["micro_batch"] = 8
-    write_bundle(work / "noisy", m, {"items": Bundle.open(work / "random").items}, fingerprints=6, overwrite=True)
+    write_bundle(work / "noisy", m, {"items": Bundle.open(work / "random").items}, fingerprints=fingerprints,
+                 overwrite=True)
     return work / "noisy"
 
 
