@@ -62,3 +62,23 @@ def test_png_bytes_grow_with_content():
     flat = comp.png_bytes(torch.full((3, 32, 32), 0.5))
     noisy = comp.png_bytes(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)))
     assert 0 < flat < noisy <= 3 * 32 * 32 + 200
+
+
+
+@pytest.mark.parametrize("extra", [[], ["--image-size", "64", "--test-split", "val", "--ld3m-steps", "4"]])
+def test_results_table_commands_parse_with_the_cli(extra):
+    """Every encode/eval command the results runner builds is accepted by ddcodec's own parser, with its options."""
+    from ddcodec.cli import build_parser
+    rt = tool("results_table")
+    a = rt.parser().parse_args(["--name", "t", "--data", "sample:cifar10", "--ipc", "1", *extra])
+    cli = build_parser()
+    for row in rt.ROWS:
+        enc = rt.encode_args(row, a)
+        if enc is not None:
+            ns = cli.parse_args(["encode", *enc, "--out", "b"])
+            assert ns.image_size == (64 if extra else None)
+            assert row not in ("ld3m-dm", "ld3m-dc") or ns.steps == (4 if extra else None)
+        ns = cli.parse_args(rt.eval_args(row, Path("b"), Path("o.json"), a))
+        assert ns.test_split == ("val" if extra else "test")
+        assert ns.augment == ("rrc" if row == "rded-rrc" else None)
+    assert rt.encode_args("rded-rrc", a) == rt.encode_args("rded", a)  # same bundle, other augmentation

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-HEADER = ("| training set | IPC | student | top-1 % (mean ± std, n) | bytes | soft-label bytes | epochs | test images | "
-          "student img/s | regen img/s |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| training set | IPC | student | top-1 % (mean ± std, n) | bytes | soft-label bytes | epochs | augment | "
+          "test images | student img/s | regen img/s |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def human(n: float | None) -> str:
@@ -40,7 +40,7 @@ def row(r: dict[str, Any]) -> str:
     regen = f"{r['regen_images_per_s']:.0f}" if r.get("regen_images_per_s") else "–"
     student = f"{r['student_images_per_s']:.0f}" if r.get("student_images_per_s") else "–"
     return (f"| {what} | {ipc} | {r['student']} | {acc} | {size} | {soft} | {r['train']['epochs']} | "
-            f"{r['test']['images']} | {student} | {regen} |")
+            f"{r['train'].get('augment') or 'crop'} | {r['test']['images']} | {student} | {regen} |")
 
 
 def main() -> None:

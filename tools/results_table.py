@@ -17,35 +17,45 @@ import sys
 import time
 from pathlib import Path
 
-ROWS = ("real", "random", "rded", "dace", "d4m", "ld3m-dm", "ld3m-dc", "full")
+ROWS = ("real", "random", "rded", "rded-rrc", "dace", "d4m", "ld3m-dm", "ld3m-dc", "full")
+# rded-rrc evaluates the rded bundle with random-resized crops of the collages, as RDED trains on CIFAR
+BUNDLE_OF = {"rded-rrc": "rded"}
+
+
+def size_args(a: argparse.Namespace) -> list[str]:
+    """`--image-size N` when the table resizes the data, else nothing."""
+    return ["--image-size", str(a.image_size)] if a.image_size else []
 
 
 def encode_args(row: str, a: argparse.Namespace) -> list[str] | None:
     """The `ddcodec encode` arguments of a row (None for real-pixel rows)."""
-    common = ["--data", a.data, "--ipc", str(a.ipc), "--seed", "0"]
+    common = ["--data", a.data, "--ipc", str(a.ipc), "--seed", "0", *size_args(a)]
     teacher = ["--teacher", a.teacher]
+    row = BUNDLE_OF.get(row, row)
+    ld3m = ["--iterations", str(a.ld3m_iterations), "--batch-real", str(a.batch_real), "--candidates", str(a.ld3m_candidates),
+            *(["--steps", str(a.ld3m_steps)] if a.ld3m_steps else [])]
     return {
         "random": ["--method", "random", *common],
         "rded": ["--method", "rded", *common, "--labels", "online", *teacher],
         "dace": ["--method", "dace", *common, *teacher, "--variants", str(a.variants)],
         "d4m": ["--method", "d4m", *common, *teacher, "--variants", str(a.variants), "--steps", str(a.d4m_steps)],
-        "ld3m-dm": ["--method", "ld3m", *common, "--ld3m-loss", "dm", "--iterations", str(a.ld3m_iterations),
-                    "--batch-real", str(a.batch_real), "--candidates", str(a.ld3m_candidates)],
-        "ld3m-dc": ["--method", "ld3m", *common, "--ld3m-loss", "dc", "--iterations", str(a.ld3m_iterations),
-                    "--batch-real", str(a.batch_real), "--candidates", str(a.ld3m_candidates)],
+        "ld3m-dm": ["--method", "ld3m", *common, "--ld3m-loss", "dm", *ld3m],
+        "ld3m-dc": ["--method", "ld3m", *common, "--ld3m-loss", "dc", *ld3m],
     }.get(row)
 
 
 def eval_args(row: str, bundle: Path, out: Path, a: argparse.Namespace) -> list[str]:
     """The `ddcodec eval` / `eval-real` arguments of a row."""
-    train = ["--student", a.student, "--test-data", a.test_data or a.data, "--test-limit", str(a.test_limit),
+    train = ["--student", a.student, "--test-data", a.test_data or a.data, "--test-split", a.test_split,
+             "--test-limit", str(a.test_limit),
              "--threads", str(a.threads), "--json", str(out)]
     if row == "real":
-        return ["eval-real", "--data", a.data, "--ipc", str(a.ipc), "--subset-seed", "0", *train,
+        return ["eval-real", "--data", a.data, "--ipc", str(a.ipc), "--subset-seed", "0", *size_args(a), *train,
                 "--epochs", str(a.epochs), "--seeds", str(a.seeds)]
     if row == "full":
-        return ["eval-real", "--data", a.data, *train, "--epochs", str(a.full_epochs), "--seeds", str(a.full_seeds)]
-    return ["eval", str(bundle), *train, "--epochs", str(a.epochs), "--seeds", str(a.seeds)]
+        return ["eval-real", "--data", a.data, *size_args(a), *train, "--epochs", str(a.full_epochs), "--seeds", str(a.full_seeds)]
+    augment = ["--augment", "rrc"] if row == "rded-rrc" else []
+    return ["eval", str(bundle), *train, "--epochs", str(a.epochs), "--seeds", str(a.seeds), *augment]
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -61,11 +71,14 @@ def run(cmd: list[str], log: Path) -> None:
         sys.exit(f"failed: ddcodec {shlex.join(cmd)} (see {log})")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The runner's options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", required=True, help="table name: results go to OUT/NAME/")
     p.add_argument("--data", required=True)
     p.add_argument("--test-data", default=None)
+    p.add_argument("--test-split", default="test", help="test split (Imagenette: val)")
+    p.add_argument("--image-size", type=int, default=None, help="resize the data to this square size (encodes and eval-real)")
     p.add_argument("--ipc", type=int, required=True)
     p.add_argument("--student", default="convnet3")
     p.add_argument("--teacher", default="cifar10-resnet56-ft")
@@ -77,16 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", type=int, default=5, help="d4m/dace variants (epoch e uses variant e mod V)")
     p.add_argument("--d4m-steps", type=int, default=10)
     p.add_argument("--ld3m-iterations", type=int, default=100)
+    p.add_argument("--ld3m-steps", type=int, default=None, help="LD3M scheduler steps T (default: the method's, 10 up to 128 px)")
     p.add_argument("--batch-real", type=int, default=64)
     p.add_argument("--ld3m-candidates", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
-    p.add_argument("--work", default="runs", help="where bundles are written")
+    p.add_argument("--work", default="runs", help="where bundles are written (WORK/NAME/ROW)")
+    p.add_argument("--bundles-from", default=None, metavar="TABLE",
+                   help="use (and make if missing) the bundles of table TABLE, e.g. another student's table of the same data and IPC")
     p.add_argument("--out", default="docs/results")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     out = Path(a.out) / a.name
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(a.work) / a.name
+    work = Path(a.work) / (a.bundles_from or a.name)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
     for row in a.rows:
@@ -94,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if report.exists():
             print(f"{row}: {report} exists, skipped", flush=True)
             continue
-        bundle = work / row
+        bundle = work / BUNDLE_OF.get(row, row)
         enc = encode_args(row, a)
         if enc is not None and not (bundle / "manifest.json").exists():
             run(["encode", *enc, "--out", str(bundle)], log)
