@@ -22,7 +22,8 @@ def point(r: dict[str, Any]) -> tuple[str, float, float, float]:
     if r["kind"] == "bundle":
         b = r["bundle"]
         name = "ld3m-" + b["method_params"].get("loss", "") if b["method"] == "ld3m" else b["method"]
-        return f"{name} bundle", float(b["bytes"]), 100 * r["mean"], 100 * r["std"]
+        aug = " (rrc)" if r["train"].get("augment") == "rrc" else ""
+        return f"{name} bundle{aug}", float(b["bytes"]), 100 * r["mean"], 100 * r["std"]
     d = r["data"]
     name = "full data (pixels)" if r["kind"] == "real-full" else "random real (pixels)"
     return name, float(d["pixel_bytes_uint8"]), 100 * r["mean"], 100 * r["std"]
