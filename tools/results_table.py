@@ -31,13 +31,14 @@ def encode_args(row: str, a: argparse.Namespace) -> list[str] | None:
     """The `ddcodec encode` arguments of a row (None for real-pixel rows)."""
     common = ["--data", a.data, "--ipc", str(a.ipc), "--seed", "0", *size_args(a)]
     teacher = ["--teacher", a.teacher]
+    pick = ["--candidates", str(a.candidates)] if a.candidates else []
     row = BUNDLE_OF.get(row, row)
     ld3m = ["--iterations", str(a.ld3m_iterations), "--batch-real", str(a.batch_real), "--candidates", str(a.ld3m_candidates),
             *(["--steps", str(a.ld3m_steps)] if a.ld3m_steps else [])]
     return {
         "random": ["--method", "random", *common],
-        "rded": ["--method", "rded", *common, "--labels", "online", *teacher],
-        "dace": ["--method", "dace", *common, *teacher, "--variants", str(a.variants)],
+        "rded": ["--method", "rded", *common, "--labels", "online", *teacher, *pick],
+        "dace": ["--method", "dace", *common, *teacher, "--variants", str(a.variants), *pick],
         "d4m": ["--method", "d4m", *common, *teacher, "--variants", str(a.variants), "--steps", str(a.d4m_steps)],
         "ld3m-dm": ["--method", "ld3m", *common, "--ld3m-loss", "dm", *ld3m],
         "ld3m-dc": ["--method", "ld3m", *common, "--ld3m-loss", "dc", *ld3m],
@@ -89,6 +90,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test-limit", type=int, default=2000)
     p.add_argument("--variants", type=int, default=5, help="d4m/dace variants (epoch e uses variant e mod V)")
     p.add_argument("--d4m-steps", type=int, default=10)
+    p.add_argument("--candidates", type=int, default=None,
+                   help="rded/dace: real images per class whose crops the teacher scores (default: the method's)")
     p.add_argument("--ld3m-iterations", type=int, default=100)
     p.add_argument("--ld3m-steps", type=int, default=None, help="LD3M scheduler steps T (default: the method's, 10 up to 128 px)")
     p.add_argument("--batch-real", type=int, default=64)
