@@ -219,3 +219,24 @@ def test_changed_arguments_do_not_reuse_partial_work(data, tmp_path):
         rded.run(build_parser().parse_args(["encode", "--method", "rded", "--data", data[0], "--out",
                                             str(tmp_path / "x"), *ARGS["rded"]]))
     shutil.rmtree(tmp_path / "x.partial")
+
+
+def test_class_prior_refuses_other_classes(cifar_folder, tmp_path, capsys):
+    """The default prior is conditioned on CIFAR-10's classes: d4m on other classes is refused before any work,
+    since class k would be drawn as CIFAR-10 class k."""
+    from ddcodec.generators.prior import check_prior_classes, load_prior
+    prior = load_prior("builtin:default")
+    check_prior_classes(prior, ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])
+    with pytest.raises(DDCodecError, match="not this data's"):
+        check_prior_classes(prior, ["tench", "church"])
+    with pytest.raises(DDCodecError, match="conditioned on 10 classes but the data has 11"):
+        check_prior_classes(prior, [f"c{i}" for i in range(11)])
+    for old, new in (("airplane", "tench"), ("ship", "church")):
+        shutil.copytree(cifar_folder / "train" / old, tmp_path / "data" / new)
+    rc = main(["encode", "--method", "d4m", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "x"),
+               "--generator", "builtin:default", "--ipc", "1", "--labels", "hard"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "is conditioned on the classes it was trained on (airplane" in err and "\n" not in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+    assert main(["encode", "--method", "d4m", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "y"),
+                 "--generator", "builtin:tiny", "--ipc", "1", "--labels", "hard", "--steps", "2"]) == 0

@@ -157,6 +157,30 @@ def resolve_source(source: str) -> str:
     return source
 
 
+def trained_classes(prior: LatentPrior) -> list[str] | None:
+    """The class names a class-conditional prior was trained on, when its directory's training.json records them."""
+    try:
+        path = Path(resolve_source(prior.source)) / "training.json"
+        return list(json.loads(path.read_text())["classes"]) if path.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError, GeneratorError):
+        return None
+
+
+def check_prior_classes(prior: LatentPrior, names: list[str]) -> None:
+    """Refuse a class-conditional prior whose classes are not the data's: class k would be drawn as its class k."""
+    if prior.kind != "class" or prior.conditioner is None:
+        return
+    known = int(prior.conditioner.config.num_classes)
+    trained = trained_classes(prior)
+    fix = ("use a prior trained on this data (`ddcodec prior train --data ...`, then --generator DIR) or a text prior; "
+           "--method random and --method ld3m do not depend on the prior's classes")
+    if known < len(names):
+        raise GeneratorError(f"{prior.source} is conditioned on {known} classes but the data has {len(names)}", fix)
+    if trained is not None and [n.lower() for n in trained] != [n.lower() for n in names]:
+        raise GeneratorError(f"{prior.source} is conditioned on the classes it was trained on ({', '.join(trained[:3])}, "
+                             f"...), not this data's ({', '.join(names[:3])}, ...)", fix)
+
+
 def load_prior(source: str, revision: str | None = None, num_classes: int | None = None,
                local_files_only: bool | None = None) -> LatentPrior:
     """Load a prior from a builtin name, a local diffusers-layout directory, or a hub id (never remote code)."""

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ..bundle import Bundle, derive_seed, new_manifest, write_bundle
 from ..data import load_source, readable_names
 from ..errors import DDCodecError
-from ..generators.prior import LatentPrior, load_prior
+from ..generators.prior import LatentPrior, check_prior_classes, load_prior
 from ..labels import softlabels
 from .checkpoint import WorkDir
 from ..parallel import is_main
@@ -85,6 +85,7 @@ def run(args: Any) -> Bundle | None:
     device = encode_device(args)
     teacher = softlabels.open_teacher(labels.teacher, device) if labels.kind == "soft" else None
     prior = load_prior(args.generator, num_classes=len(names))
+    check_prior_classes(prior, names)
     size = image_size(source, per_class[0], args.image_size)
     gen_params = {"strength": float(option(args, "strength", DEFAULTS["strength"])),
                   "steps": int(option(args, "steps", DEFAULTS["steps"])),

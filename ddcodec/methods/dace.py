@@ -12,7 +12,7 @@ import torch
 from ..bundle import Bundle, new_manifest, write_bundle
 from ..data import load_source, readable_names
 from ..errors import DDCodecError
-from ..generators.prior import load_prior
+from ..generators.prior import check_prior_classes, load_prior
 from ..labels import softlabels
 from ..parallel import is_main
 from .checkpoint import WorkDir
@@ -108,6 +108,7 @@ def run(args: Any) -> Bundle | None:
     """`ddcodec encode --method dace`."""
     job = prepare(args, DEFAULTS["variants"])
     prior = load_prior(args.generator, num_classes=len(job.names))
+    check_prior_classes(prior, job.names)
     gen_params = {"rho": float(option(args, "rho", DEFAULTS["rho"])), "steps": int(option(args, "steps", DEFAULTS["steps"])),
                   "guidance_scale": float(option(args, "guidance_scale", DEFAULTS["guidance_scale"])),
                   "negative_prompt": option(args, "negative_prompt", None),
