@@ -227,6 +227,11 @@ def test_class_prior_refuses_other_classes(cifar_folder, tmp_path, capsys):
     from ddcodec.generators.prior import check_prior_classes, load_prior
     prior = load_prior("builtin:default")
     check_prior_classes(prior, ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])
+    prior.source = str(tmp_path / "wnid-prior")  # a prior trained on Imagenette names its classes by WordNet id
+    (tmp_path / "wnid-prior").mkdir()
+    (tmp_path / "wnid-prior" / "training.json").write_text(json.dumps({"classes": ["n01440764", "n03028079"]}))
+    check_prior_classes(prior, ["tench", "church"])
+    prior.source = "builtin:default"
     with pytest.raises(DDCodecError, match="not this data's"):
         check_prior_classes(prior, ["tench", "church"])
     with pytest.raises(DDCodecError, match="conditioned on 10 classes but the data has 11"):

@@ -176,7 +176,8 @@ def check_prior_classes(prior: LatentPrior, names: list[str]) -> None:
            "--method random and --method ld3m do not depend on the prior's classes")
     if known < len(names):
         raise GeneratorError(f"{prior.source} is conditioned on {known} classes but the data has {len(names)}", fix)
-    if trained is not None and [n.lower() for n in trained] != [n.lower() for n in names]:
+    from ..data import readable_names  # a prior trained on Imagenette records WordNet ids, the data's names are readable
+    if trained is not None and [n.lower() for n in readable_names(trained)] != [n.lower() for n in readable_names(names)]:
         raise GeneratorError(f"{prior.source} is conditioned on the classes it was trained on ({', '.join(trained[:3])}, "
                              f"...), not this data's ({', '.join(names[:3])}, ...)", fix)
 
