@@ -29,7 +29,36 @@ def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[i
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-class DistilledDataset(IterableDataset):
+class WorkerSendable:
+    """Online-teacher setup and pickling shared by the datasets, so spawn/forkserver DataLoader workers can get them.
+
+    A worker receives no built pipeline and, for a teacher given by name, only the name: both are rebuilt in
+    the worker (a loaded teacher also has more tensors than forkserver can pass, ~250 fds).
+    """
+
+    manifest: dict[str, Any]
+    device: torch.device
+
+    def _set_online_teacher(self, teacher: Callable[[torch.Tensor], torch.Tensor] | str | None, temperature: float) -> None:
+        self.online_teacher, self.teacher_temperature = resolve_online_teacher(self.manifest, teacher, temperature, self.device)
+        self._teacher_name = teacher if isinstance(teacher, str) else None  # reloaded by name in workers
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if "_pipeline" in state:
+            state["_pipeline"] = None
+        if state.get("_teacher_name"):
+            state["online_teacher"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if state.get("_teacher_name"):
+            self.online_teacher = resolve_online_teacher(self.manifest, state["_teacher_name"], self.teacher_temperature,
+                                                         self.device)[0]
+
+
+class DistilledDataset(WorkerSendable, IterableDataset):
     """Yields (images, soft_labels, hard_labels) batches regenerated from a bundle.
 
     `set_epoch(e)` selects variant e mod the bundle's variant count. Each rank yields its share of
@@ -55,9 +84,7 @@ class DistilledDataset(IterableDataset):
             raise DDCodecError(f"rank {self.rank} is outside world size {self.world_size}")
         self.cache_dir = cache_dir
         self.return_ids = return_ids
-        self.online_teacher, self.teacher_temperature = resolve_online_teacher(
-            self.bundle.manifest, online_teacher, teacher_temperature, self.device)
-        self._teacher_name = online_teacher if isinstance(online_teacher, str) else None  # reloaded by name in workers
+        self._set_online_teacher(online_teacher, teacher_temperature)
         self.allow_different_weights = allow_different_weights
         self._prior = prior
         self._pipeline = None
@@ -144,13 +171,10 @@ class DistilledDataset(IterableDataset):
         if worker is None:
             self._start, self._step = 0, 0
 
-    def __getstate__(self) -> dict[str, Any]:
-        """What spawn/forkserver DataLoader workers receive (see worker_state)."""
-        return worker_state(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Rebuild in a worker what __getstate__ left out."""
-        restore_worker_state(self, state, state["bundle"].manifest)
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The bundle's manifest."""
+        return self.bundle.manifest
 
     def loader(self, num_workers: int = 0, **kwargs: Any) -> "TrackingLoader":
         """A DataLoader over this dataset that keeps state_dict() exact with workers."""
@@ -229,27 +253,6 @@ class TrackingLoader:
             ds._step = start + k + 1
             yield batch
         ds._start, ds._step = 0, 0
-
-
-def worker_state(ds: Any) -> dict[str, Any]:
-    """What a spawn/forkserver DataLoader worker gets: no built pipeline, a teacher loaded by name as its name.
-
-    Both are rebuilt in the worker; a loaded teacher also has more tensors than forkserver can pass (~250 fds).
-    """
-    state = dict(ds.__dict__)
-    if "_pipeline" in state:
-        state["_pipeline"] = None
-    if state.get("_teacher_name"):
-        state["online_teacher"] = None
-    return state
-
-
-def restore_worker_state(ds: Any, state: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """Inverse of worker_state(): reload a teacher given by name."""
-    ds.__dict__.update(state)
-    if state.get("_teacher_name"):
-        name = state["_teacher_name"]
-        ds.online_teacher = resolve_online_teacher(manifest, name, ds.teacher_temperature, ds.device)[0]
 
 
 WORKER_MODULES = ["torch", "ddcodec.loader"]  # imported once by the forkserver, so each worker starts without importing

@@ -11,12 +11,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..bundle.shards import ShardReader, expand_urls
 from ..errors import DDCodecError
 from ..generators.pipelines import build_pipeline, pipeline_class
-from .dataset import (TrackingLoader, batch_labels, dist_info, resolve_online_teacher, restore_worker_state, resume_position,
-                      worker_state)
+from .dataset import TrackingLoader, WorkerSendable, batch_labels, dist_info, resume_position
 from .order import cut, item_order, shard_order, shard_slots, slot_steps
 
 
-class StreamingDistilledDataset(IterableDataset):
+class StreamingDistilledDataset(WorkerSendable, IterableDataset):
     """Yields (images, soft_labels, hard_labels) batches streamed from shard URLs (paths, http(s)://, pipe:).
 
     Each epoch the shards are put in a seeded order, split by rank and then by DataLoader worker, as
@@ -52,9 +51,7 @@ class StreamingDistilledDataset(IterableDataset):
         self.rank, self.world_size = dist_info(rank, world_size)
         if not 0 <= self.rank < self.world_size:
             raise DDCodecError(f"rank {self.rank} is outside world size {self.world_size}")
-        self.online_teacher, self.teacher_temperature = resolve_online_teacher(
-            self.manifest, online_teacher, teacher_temperature, self.device)
-        self._teacher_name = online_teacher if isinstance(online_teacher, str) else None  # reloaded by name in workers
+        self._set_online_teacher(online_teacher, teacher_temperature)
         self.allow_different_weights, self._prior = allow_different_weights, prior
         self.steps = slot_steps(self.counts, self.world_size, self.workers, self.batch_size)  # fail early
         self._check_streamable()
@@ -162,14 +159,6 @@ class StreamingDistilledDataset(IterableDataset):
             self._step = p + 1
             yield self.regenerate(ids, rows)
         self._start, self._step = 0, 0
-
-    def __getstate__(self) -> dict[str, Any]:
-        """What spawn/forkserver DataLoader workers receive (see worker_state)."""
-        return worker_state(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Rebuild in a worker what __getstate__ left out."""
-        restore_worker_state(self, state, state["manifest"])
 
     def loader(self, **kwargs: Any) -> TrackingLoader:
         """A DataLoader with this stream's num_workers that keeps state_dict() exact."""
