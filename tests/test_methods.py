@@ -218,7 +218,10 @@ def test_changed_arguments_do_not_reuse_partial_work(data, tmp_path):
         from ddcodec.methods import rded
         rded.run(build_parser().parse_args(["encode", "--method", "rded", "--data", data[0], "--out",
                                             str(tmp_path / "x"), *ARGS["rded"]]))
-    shutil.rmtree(tmp_path / "x.partial")
+    assert json.loads((tmp_path / "x.partial" / "params.json").read_text())["params"] == {"something": "else"}
+    # --overwrite discards the stale work and encodes from scratch
+    assert encode("rded", data[0], tmp_path / "x", "--overwrite") == 0
+    assert (tmp_path / "x" / "manifest.json").exists() and not (tmp_path / "x.partial").exists()
 
 
 def test_class_prior_refuses_other_classes(cifar_folder, tmp_path, capsys):

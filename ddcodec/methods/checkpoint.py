@@ -14,26 +14,36 @@ import torch
 
 from ..bundle.atomic import atomic_write_bytes, atomic_write_json
 from ..errors import DDCodecError
+from ..parallel import barrier, is_main
 
 
 class WorkDir:
     """`{out}.partial/`: one safetensors file per finished unit, valid only for the same parameters."""
 
-    def __init__(self, out: str | os.PathLike, params: dict[str, Any]) -> None:
+    def __init__(self, out: str | os.PathLike, params: dict[str, Any], discard_stale: bool = False) -> None:
         self.dir = Path(str(out) + ".partial")
         self.key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
         marker = self.dir / "params.json"
-        if marker.exists():
-            try:
-                saved = json.loads(marker.read_text()).get("key")
-            except (OSError, ValueError):
-                saved = None
-            if saved != self.key:
+        stale = marker.exists() and self._saved_key(marker) != self.key
+        barrier()  # every rank reads the marker before any rank changes it
+        if stale:
+            if not discard_stale:
                 raise DDCodecError(f"{self.dir} holds an interrupted encode with different parameters",
-                                   "re-run with the same arguments to resume, or delete that directory")
-        else:
+                                   "re-run with the same arguments to resume, pass --overwrite to discard it, "
+                                   "or delete that directory")
+            if is_main():  # --overwrite: the stale work cannot be reused
+                shutil.rmtree(self.dir)
+            barrier()
+        if not marker.exists():
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(marker, {"key": self.key, "params": params})
+
+    @staticmethod
+    def _saved_key(marker: Path) -> str | None:
+        try:
+            return json.loads(marker.read_text()).get("key")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def _path(self, name: str) -> Path:
         return self.dir / f"{name}.safetensors"

@@ -99,7 +99,7 @@ def run(args: Any) -> Bundle | None:
               "encode_batch_size": encode_batch,
               "kmeans": {"impl": "sklearn.MiniBatchKMeans", "batch_size": km_batch, "n_init": "auto"},
               **labels.record()}
-    work = WorkDir(args.out, work_params(args, prior, **params, **gen_params, device=str(device)))
+    work = WorkDir(args.out, work_params(args, prior, **params, **gen_params, device=str(device)), discard_stale=args.overwrite)
     prior.to(device)
     latent_shape = tuple(encode_latents(prior, torch.zeros(1, 3, *size), batch_size=1, split_ranks=False).shape[1:])
 

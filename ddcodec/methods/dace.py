@@ -119,7 +119,7 @@ def run(args: Any) -> Bundle | None:
     if not 0 <= gen_params["mixup"] <= 1 or not 0 <= gen_params["gamma_min"] <= 1:
         raise DDCodecError("--mixup and --gamma-min must be in [0, 1]")
     params = job.params(args)
-    work = WorkDir(args.out, work_params(args, prior, **params, **gen_params, device=str(job.device)))
+    work = WorkDir(args.out, work_params(args, prior, **params, **gen_params, device=str(job.device)), discard_stale=args.overwrite)
     units = select_patches(job.source, job.per_class, job.keep, job.size, job.teacher, int(args.seed), job.cfg, work, job.device)
     params["source_indices"] = torch.cat([u["source_index"] for u in units]).tolist()
     manifest = new_manifest(method="dace", params=params, seed=int(args.seed), class_names=job.names,

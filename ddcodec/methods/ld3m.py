@@ -510,7 +510,7 @@ def encode(args: Any) -> tuple[Bundle, Distiller]:
     teacher = softlabels.open_teacher(labels.teacher, device) if labels.kind == "soft" else None
     params: dict[str, Any] = {"ipc": ipc, "data": str(args.data), "split": args.split, "candidates": candidates,
                               **cfg.record(), **mtt, **labels.record()}
-    work = WorkDir(args.out, work_params(args, prior, **params, **gen_params, device=str(device)))
+    work = WorkDir(args.out, work_params(args, prior, **params, **gen_params, device=str(device)), discard_stale=args.overwrite)
     prior.to(device)
 
     picked = pick_random(per_class, ipc, seed, names)

@@ -30,7 +30,7 @@ def run(args: Any) -> Bundle | None:
     """`ddcodec encode --method rded`."""
     job = prepare(args, VARIANTS)
     params = job.params(args)
-    work = WorkDir(args.out, work_params(args, None, **params, device=str(job.device)))
+    work = WorkDir(args.out, work_params(args, None, **params, device=str(job.device)), discard_stale=args.overwrite)
     units = select_patches(job.source, job.per_class, job.keep, job.size, job.teacher, int(args.seed), job.cfg, work, job.device)
     params["source_indices"] = torch.cat([u["source_index"] for u in units]).tolist()
     pixels = torch.cat([stitch(u["pixels"], job.cfg.factor) for u in units])
