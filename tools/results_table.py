@@ -34,7 +34,9 @@ def encode_args(row: str, a: argparse.Namespace) -> list[str] | None:
     pick = ["--candidates", str(a.candidates)] if a.candidates else []
     row = BUNDLE_OF.get(row, row)
     ld3m = ["--iterations", str(a.ld3m_iterations), "--batch-real", str(a.batch_real), "--candidates", str(a.ld3m_candidates),
-            *(["--steps", str(a.ld3m_steps)] if a.ld3m_steps else [])]
+            *(["--steps", str(a.ld3m_steps)] if a.ld3m_steps else []),
+            *(["--lr-z", str(a.ld3m_lr), "--lr-c", str(a.ld3m_lr)] if a.ld3m_lr else []),
+            *(["--ld3m-optimizer", a.ld3m_optimizer] if a.ld3m_optimizer else [])]
     return {
         "random": ["--method", "random", *common],
         "rded": ["--method", "rded", *common, "--labels", "online", *teacher, *pick],
@@ -95,6 +97,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ld3m-iterations", type=int, default=100)
     p.add_argument("--ld3m-steps", type=int, default=None, help="LD3M scheduler steps T (default: the method's, 10 up to 128 px)")
     p.add_argument("--batch-real", type=int, default=64)
+    p.add_argument("--ld3m-lr", type=float, default=None, help="LD3M learning rate of Z and c (default: the paper's per loss)")
+    p.add_argument("--ld3m-optimizer", choices=("sgd", "adam"), default=None, help="LD3M optimiser (default: the paper's SGD)")
     p.add_argument("--ld3m-candidates", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)

@@ -251,6 +251,20 @@ class _Layout:
         raise BundleError(f"unexpected member {short(name)} (not part of this bundle's shard layout)", "do not use this shard")
 
 
+def _member_limit(url: str, layout: _Layout | None, name: str, index: int) -> int:
+    """Largest size allowed for member `index` of shard `url`: first the manifest, then what `layout` declares."""
+    if index == 0:
+        if name != f"{MANIFEST_KEY}.manifest.json":
+            raise BundleError(f"shard {url} does not start with the bundle manifest (first member {short(name)})",
+                              "pass the shards written by 'ddcodec shard'")
+        return MAX_MANIFEST_BYTES if layout is None else len(layout.manifest_bytes)
+    assert layout is not None
+    try:
+        return layout.max_size(name)
+    except BundleError as e:
+        raise BundleError(f"shard {url}: {e}") from None
+
+
 def read_shards(urls: list[str]) -> Bundle:
     """Reassemble a bundle from its shards and verify every payload's content hash against the manifest.
 
@@ -265,19 +279,8 @@ def read_shards(urls: list[str]) -> Bundle:
     whole: dict[str, dict[str, torch.Tensor]] = {}
     rows: dict[int, dict[str, torch.Tensor]] = {}
     for url in urls:
-        def max_size(name: str, index: int, url: str = url) -> int:
-            if index == 0:
-                if name != f"{MANIFEST_KEY}.manifest.json":
-                    raise BundleError(f"shard {url} does not start with the bundle manifest (first member {short(name)})",
-                                      "pass the shards written by 'ddcodec shard'")
-                return MAX_MANIFEST_BYTES if layout is None else len(layout.manifest_bytes)
-            assert layout is not None
-            try:
-                return layout.max_size(name)
-            except BundleError as e:
-                raise BundleError(f"shard {url}: {e}") from None
-
-        for name, data in iter_members(url, budget, max_size):
+        # `layout` is read at each call: None until the first shard's manifest is parsed
+        for name, data in iter_members(url, budget, lambda name, index, url=url: _member_limit(url, layout, name, index)):
             key, _, ext = name.partition(".")
             where = f"shard {url} member {name}"
             if key == MANIFEST_KEY and ext == "manifest.json":
@@ -338,7 +341,7 @@ class ShardReader:
         self.layout: _Layout | None = None
         self.index: dict[str, Any] | None = None
         self._budget = _Budget()
-        self._members = iter_members(url, self._budget, self._max_size)
+        self._members = iter_members(url, self._budget, lambda name, index: _member_limit(url, self.layout, name, index))
         self._pending: tuple[str, bytes] | None = None
         for name, data in self._members:
             key, _, ext = name.partition(".")
@@ -368,18 +371,6 @@ class ShardReader:
     def manifest_bytes(self) -> bytes:
         assert self.layout is not None
         return self.layout.manifest_bytes
-
-    def _max_size(self, name: str, index: int) -> int:
-        if index == 0:
-            if name != f"{MANIFEST_KEY}.manifest.json":
-                raise BundleError(f"shard {self.url} does not start with the bundle manifest (first member {short(name)})",
-                                  "pass the shards written by 'ddcodec shard'")
-            return MAX_MANIFEST_BYTES
-        assert self.layout is not None
-        try:
-            return self.layout.max_size(name)
-        except BundleError as e:
-            raise BundleError(f"shard {self.url}: {e}") from None
 
     def _parse_index(self, data: bytes, position: int | None) -> dict[str, Any]:
         assert self.layout is not None
