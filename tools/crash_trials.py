@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -133,6 +132,22 @@ class Trial:
         return self.outcome in ("identical", "refused", "finished before kill")
 
 
+def kill_at_random(t: Trial, cmd: list[str], reset: Callable[[], None], rng: random.Random, t_ref: float,
+                   write_window: float, written: Callable[[], bool]) -> None:
+    """Run cmd from reset() and SIGKILL it at a random moment: in `write` mode within `write_window` s of written()
+    turning true, else within its reference run time `t_ref`. A run that finishes first is retried at half the delay."""
+    for t.attempts in range(1, ATTEMPTS + 1):
+        reset()
+        scale = 0.5 ** (t.attempts - 1)
+        if t.mode == "write":
+            r = run_and_kill(cmd, rng.uniform(0, write_window) * scale, wait_for=written)
+        else:
+            r = run_and_kill(cmd, rng.uniform(0.05, 1.0) * t_ref * scale)
+        if r["killed"]:
+            break
+    t.killed, t.at_s = r["killed"], r["at_s"]
+
+
 # encode ------------------------------------------------------------------------------------------
 def disk_phase(out: Path) -> str:
     """What an interrupted encode left: which of out, out.writing, out.old exist and hold a manifest."""
@@ -169,20 +184,14 @@ def encode_trial(k: int, rng: random.Random, work: Path, ref: dict[str, str], ol
     tdir = work / f"encode-{k:03d}"
     out = tdir / "bundle"
     staging = out.with_name(out.name + ".writing")
-    for t.attempts in range(1, ATTEMPTS + 1):
+    def reset() -> None:
         shutil.rmtree(tdir, ignore_errors=True)
         tdir.mkdir(parents=True)
         if overwrite:
             shutil.copytree(old_dir, out)
-        scale = 0.5 ** (t.attempts - 1)
-        if mode == "write":
-            # the staging phase lasts about 0.1 s with the tiny prior: kill within 150 ms of it appearing
-            r = run_and_kill(encode_cmd(out, overwrite=overwrite), rng.uniform(0, 0.15) * scale, wait_for=staging.exists)
-        else:
-            r = run_and_kill(encode_cmd(out, overwrite=overwrite), rng.uniform(0.05, 1.0) * t_ref * scale)
-        if r["killed"]:
-            break
-    t.killed, t.at_s = r["killed"], r["at_s"]
+
+    # the staging phase lasts about 0.1 s with the tiny prior: in write mode, kill within 150 ms of it appearing
+    kill_at_random(t, encode_cmd(out, overwrite=overwrite), reset, rng, t_ref, 0.15, staging.exists)
     t.phase = disk_phase(out)
     siblings = [out, staging, out.with_name(out.name + ".old")]
     allowed = [ref, old] if old else [ref]
@@ -219,17 +228,9 @@ def shard_trial(k: int, rng: random.Random, work: Path, bundle: Path, ref: dict[
     mode = mode or ("write" if k % 2 else "uniform")
     t = Trial("shard", k, mode)
     out = work / f"shard-{k:03d}"
-    for t.attempts in range(1, ATTEMPTS + 1):
-        shutil.rmtree(out, ignore_errors=True)
-        scale = 0.5 ** (t.attempts - 1)
-        if mode == "write":
-            # writing 20 one-item shards takes tens of milliseconds: kill within 50 ms of the first one
-            r = run_and_kill(shard_cmd(bundle, out), rng.uniform(0, 0.05) * scale, wait_for=lambda: any(out.glob("*.tar")))
-        else:
-            r = run_and_kill(shard_cmd(bundle, out), rng.uniform(0.05, 1.0) * t_ref * scale)
-        if r["killed"]:
-            break
-    t.killed, t.at_s = r["killed"], r["at_s"]
+    # writing 20 one-item shards takes tens of milliseconds: in write mode, kill within 50 ms of the first one
+    kill_at_random(t, shard_cmd(bundle, out), lambda: shutil.rmtree(out, ignore_errors=True), rng, t_ref, 0.05,
+                   lambda: any(out.glob("*.tar")))
     present = sorted(out.glob("shard-*.tar")) if out.exists() else []
     t.phase = f"{len(present)}/{len(ref)} shards"
     if present:
@@ -261,17 +262,8 @@ def cache_trial(k: int, rng: random.Random, work: Path, bundle: Path, ref: list[
     mode = mode or ("write" if k % 2 else "uniform")
     t = Trial("cache", k, mode)
     cache = work / f"cache-{k:03d}"
-    for t.attempts in range(1, ATTEMPTS + 1):
-        shutil.rmtree(cache, ignore_errors=True)
-        scale = 0.5 ** (t.attempts - 1)
-        if mode == "write":
-            r = run_and_kill(cache_cmd(bundle, cache), rng.uniform(0, 1.5) * scale,
-                             wait_for=lambda: any(cache.rglob("*.safetensors")))
-        else:
-            r = run_and_kill(cache_cmd(bundle, cache), rng.uniform(0.05, 1.0) * t_ref * scale)
-        if r["killed"]:
-            break
-    t.killed, t.at_s = r["killed"], r["at_s"]
+    kill_at_random(t, cache_cmd(bundle, cache), lambda: shutil.rmtree(cache, ignore_errors=True), rng, t_ref, 1.5,
+                   lambda: any(cache.rglob("*.safetensors")))
     t.phase = f"{len(list(cache.rglob('*.safetensors')))}/{len(ref)} cached"
     first = run(cache_cmd(bundle, cache))
     second = run(cache_cmd(bundle, cache))  # everything from the cache now
