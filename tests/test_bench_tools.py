@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,16 @@ def test_results_table_commands_parse_with_the_cli(extra):
         assert ns.test_split == ("val" if extra else "test")
         assert ns.augment == ("rrc" if row == "rded-rrc" else None)
     assert rt.encode_args("rded-rrc", a) == rt.encode_args("rded", a)  # same bundle, other augmentation
+
+
+def test_results_table_lists_kept_reports(tmp_path):
+    """table.md has the runner's rows in order, then any other report kept beside them, with LD3M's settings."""
+    rt = tool("results_table")
+    src = ROOT / "docs" / "results" / "cifar10-ipc1-convnet3"
+    for name, as_name in (("ld3m-dm", "ld3m-dm-other.json"), ("random", "random.json"), ("real", "real.json")):
+        shutil.copy(src / f"{name}.json", tmp_path / as_name)
+    lines = [ln for ln in rt.write_table(tmp_path).splitlines() if ln.startswith("| ") and ("bundle" in ln or "pixels" in ln)]
+    assert [ln.split(" | ")[0] for ln in lines] == [
+        "| real pixels, random subset (seed 0)", "| random bundle (builtin:default, hard (CE))",
+        "| ld3m-dm bundle (builtin:default, hard (CE), 100 iterations, SGD lr 0.01)"]
+    assert (tmp_path / "table.md").read_text().count("ld3m-dm-other.json") == 1

@@ -24,13 +24,21 @@ def human(n: float | None) -> str:
     return f"{n:.1f} GB"
 
 
+def ld3m_settings(b: dict[str, Any]) -> str:
+    """', 50 steps, SGD lr 0.01' for an LD3M bundle (its optimisation settings differ between tables), else ''."""
+    if b["method"] != "ld3m":
+        return ""
+    p = b["method_params"]
+    return f", {p['iterations']} iterations, {p['optimizer'].upper() if p['optimizer'] == 'sgd' else 'Adam'} lr {p['lr_z']:g}"
+
+
 def row(r: dict[str, Any]) -> str:
     """One table row for one report."""
     if r["kind"] == "bundle":
         b = r["bundle"]
         method = b["method"] + (f"-{b['method_params']['loss']}" if b["method"] == "ld3m" else "")
         labels = r["labels"]["used"] + (f", online {r['labels']['online_teacher']}" if r["labels"].get("online_teacher") else "")
-        what = f"{method} bundle ({b['generator']}, {labels})"
+        what = f"{method} bundle ({b['generator']}, {labels}{ld3m_settings(b)})"
         ipc, size, soft = b["ipc"], human(b["bytes"]), human(b["soft_label_bytes"])
     else:
         d = r["data"]

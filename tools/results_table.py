@@ -109,6 +109,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def write_table(out: Path) -> str:
+    """Rebuild OUT/NAME/table.md from every report there: the runner's rows in their order, then any other kept."""
+    known = [out / f"{row}.json" for row in ROWS if (out / f"{row}.json").exists()]
+    rows = [str(p) for p in known + sorted(set(out.glob("*.json")) - set(known))]
+    table = subprocess.run([sys.executable, str(Path(__file__).with_name("eval_table.py")), *rows, "--commands"],
+                           capture_output=True, text=True, check=True).stdout
+    (out / "table.md").write_text(table)
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     out = Path(a.out) / a.name
@@ -131,10 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             r["encode_command"] = "ddcodec " + shlex.join(["encode", *enc, "--out", str(bundle)])
             report.write_text(json.dumps(r, indent=2) + "\n")
         print(f"{row}: {100 * r['mean']:.2f} ± {100 * r['std']:.2f}", flush=True)
-    rows = [str(out / f"{row}.json") for row in ROWS if (out / f"{row}.json").exists()]  # every row so far, not just these
-    table = subprocess.run([sys.executable, str(Path(__file__).with_name("eval_table.py")), *rows, "--commands"],
-                           capture_output=True, text=True, check=True).stdout
-    (out / "table.md").write_text(table)
+    table = write_table(out)
     print(table)
     return 0
 
