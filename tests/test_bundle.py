@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 import shutil
 import subprocess
@@ -206,3 +207,15 @@ def test_shard_command_round_trip(tiny_bundle, tmp_path):
     assert r.returncode == 0 and "3 shard(s)" in r.stdout, r.stderr
     r = run_cli("verify", str(tmp_path / "shard-{000000..000002}.tar"))
     assert r.returncode == 0 and "bitwise identical" in r.stdout, r.stdout + r.stderr
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    """Atomically written files get the ordinary 0666 & ~umask, and the process umask is left as it was."""
+    from ddcodec.bundle.atomic import atomic_write_bytes
+    before = os.umask(0o027)
+    try:
+        atomic_write_bytes(tmp_path / "f", b"x")
+        assert (tmp_path / "f").stat().st_mode & 0o777 == 0o640
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(before)
