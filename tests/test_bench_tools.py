@@ -99,3 +99,30 @@ def test_results_table_lists_kept_reports(tmp_path):
         "| real pixels, random subset (seed 0)", "| random bundle (builtin:default, hard (CE))",
         "| ld3m-dm bundle (builtin:default, hard (CE), 100 iterations, SGD lr 0.01)"]
     assert (tmp_path / "table.md").read_text().count("ld3m-dm-other.json") == 1
+
+
+def test_results_table_records_how_a_reused_bundle_was_made(tmp_path, monkeypatch):
+    """A row that reuses a bundle (--bundles-from, or a rerun) records the command that made it, not the one
+    the current options would build."""
+    rt = tool("results_table")
+    ran: list[list[str]] = []
+
+    def fake_run(cmd: list[str], log: Path) -> None:
+        ran.append(cmd)
+        if cmd[0] == "encode":
+            out = Path(cmd[cmd.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "manifest.json").write_text("{}")
+        else:
+            Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps({"mean": 0.5, "std": 0.0}))
+
+    monkeypatch.setattr(rt, "run", fake_run)
+    monkeypatch.setattr(rt, "write_table", lambda out: "")
+    common = ["--data", "sample:cifar10", "--ipc", "1", "--rows", "ld3m-dm", "--work", str(tmp_path / "w"),
+              "--out", str(tmp_path / "o")]
+    rt.main(["--name", "a", *common, "--ld3m-optimizer", "adam"])
+    first = json.loads((tmp_path / "o" / "a" / "ld3m-dm.json").read_text())["encode_command"]
+    assert "--ld3m-optimizer adam" in first
+    rt.main(["--name", "b", "--bundles-from", "a", *common])  # other LD3M options: the bundle is reused as made
+    assert [c[0] for c in ran] == ["encode", "eval", "eval"]
+    assert json.loads((tmp_path / "o" / "b" / "ld3m-dm.json").read_text())["encode_command"] == first

@@ -133,12 +133,19 @@ def main(argv: list[str] | None = None) -> int:
             continue
         bundle = work / BUNDLE_OF.get(row, row)
         enc = encode_args(row, a)
+        made_by = bundle.with_name(bundle.name + ".command")  # how an existing bundle was made, kept beside it
+        encode_command = None if enc is None else "ddcodec " + shlex.join(["encode", *enc, "--out", str(bundle)])
         if enc is not None and not (bundle / "manifest.json").exists():
             run(["encode", *enc, "--out", str(bundle)], log)
+            made_by.write_text(encode_command + "\n")
+        elif enc is not None and made_by.exists() and made_by.read_text().strip() != encode_command:
+            encode_command = made_by.read_text().strip()
+            print(f"{row}: reusing {bundle}, made by another command than these options give: {encode_command}",
+                  flush=True)
         run(eval_args(row, bundle, report, a), log)
         r = json.loads(report.read_text())
-        if enc is not None:  # the row's full recipe: how its bundle was made, next to how it was evaluated
-            r["encode_command"] = "ddcodec " + shlex.join(["encode", *enc, "--out", str(bundle)])
+        if encode_command is not None:  # the row's full recipe: how its bundle was made, next to how it was evaluated
+            r["encode_command"] = encode_command
             report.write_text(json.dumps(r, indent=2) + "\n")
         print(f"{row}: {100 * r['mean']:.2f} ± {100 * r['std']:.2f}", flush=True)
     table = write_table(out)
