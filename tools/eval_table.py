@@ -24,12 +24,15 @@ def human(n: float | None) -> str:
     return f"{n:.1f} GB"
 
 
+OPTIMIZERS = {"sgd": "SGD", "adam": "Adam"}
+
+
 def ld3m_settings(b: dict[str, Any]) -> str:
-    """', 50 steps, SGD lr 0.01' for an LD3M bundle (its optimisation settings differ between tables), else ''."""
+    """', 50 iterations, SGD lr 0.01' for an LD3M bundle (its optimisation settings differ between tables), else ''."""
     if b["method"] != "ld3m":
         return ""
     p = b["method_params"]
-    return f", {p['iterations']} iterations, {p['optimizer'].upper() if p['optimizer'] == 'sgd' else 'Adam'} lr {p['lr_z']:g}"
+    return f", {p['iterations']} iterations, {OPTIMIZERS[p['optimizer']]} lr {p['lr_z']:g}"
 
 
 def row(r: dict[str, Any]) -> str:

@@ -134,14 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         bundle = work / BUNDLE_OF.get(row, row)
         enc = encode_args(row, a)
         made_by = bundle.with_name(bundle.name + ".command")  # how an existing bundle was made, kept beside it
-        encode_command = None if enc is None else "ddcodec " + shlex.join(["encode", *enc, "--out", str(bundle)])
-        if enc is not None and not (bundle / "manifest.json").exists():
-            run(["encode", *enc, "--out", str(bundle)], log)
+        cmd = None if enc is None else ["encode", *enc, "--out", str(bundle)]
+        encode_command = None if cmd is None else "ddcodec " + shlex.join(cmd)
+        if cmd is not None and not (bundle / "manifest.json").exists():
+            run(cmd, log)
             made_by.write_text(encode_command + "\n")
-        elif enc is not None and made_by.exists() and made_by.read_text().strip() != encode_command:
-            encode_command = made_by.read_text().strip()
-            print(f"{row}: reusing {bundle}, made by another command than these options give: {encode_command}",
-                  flush=True)
+        elif cmd is not None and made_by.exists():
+            recorded = made_by.read_text().strip()
+            if recorded != encode_command:
+                print(f"{row}: reusing {bundle}, made by another command than these options give: {recorded}", flush=True)
+                encode_command = recorded
         run(eval_args(row, bundle, report, a), log)
         r = json.loads(report.read_text())
         if encode_command is not None:  # the row's full recipe: how its bundle was made, next to how it was evaluated
