@@ -130,7 +130,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 # preview -----------------------------------------------------------------------------------
 def cmd_preview(args: argparse.Namespace) -> int:
-    import torch
     from .bundle import Bundle
     from .generators.pipelines import build_pipeline
     from .preview import preview_grid, save_png

@@ -7,14 +7,13 @@ import json
 
 import pytest
 import torch
-from diffusers import (DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
-                       StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from ddcodec.bundle.manifest import derive_seed
 from ddcodec.errors import GeneratorError
 from ddcodec.generators import load_prior
 from ddcodec.generators.pipelines import PIPELINES, cpu_deterministic
-from ddcodec.generators.text import TextConditioner, build_text_prior, stock_pipeline
+from ddcodec.generators.text import build_text_prior, stock_pipeline
 from ddcodec.generators.text_configs import (byte_level_clip_tokenizer, sd15_config, sd_turbo_config,
                                              sdxl_turbo_config)
 

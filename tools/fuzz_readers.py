@@ -35,7 +35,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path

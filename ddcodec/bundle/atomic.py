@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -44,3 +45,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def replace_dir(staging: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Move the complete directory `staging` to `out`; a previous `out` goes to `<out>.old` for the moment of the swap."""
+    staging, out = Path(staging), Path(out)
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)  # a crash from here to the next line leaves the old directory complete at <out>.old
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import torch
 
 from ..errors import BundleError
-from .atomic import atomic_write_json
+from .atomic import atomic_write_json, replace_dir
 from .manifest import FORMAT, MAX_MANIFEST_BYTES, SEED_DERIVATION, VERSION, parse_manifest, sign_manifest, validate
 from .payload import decode_payload, write_payload
 
@@ -198,12 +198,5 @@ def write_bundle(out: str | os.PathLike, manifest: dict[str, Any], payloads: dic
     validate(manifest, "new manifest")
     manifest = sign_manifest(manifest)  # readers refuse a manifest that does not match its manifest_sha256
     atomic_write_json(staging / MANIFEST, manifest)
-    if out.exists():
-        trash = out.with_name(out.name + ".old")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(out, trash)
-        os.replace(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, out)
+    replace_dir(staging, out)
     return Bundle.open(out)

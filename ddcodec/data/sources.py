@@ -11,7 +11,7 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -143,6 +143,19 @@ def _is_wds_tar(path: Path, peek: int = 64) -> bool:
     return False
 
 
+def _group_members(tar: tarfile.TarFile, image: Callable[[tarfile.TarInfo], Any], groups: dict[str, dict[str, Any]]) -> None:
+    """Add each regular member of a webdataset shard to groups[key]: "cls" its label text, "img" image(member)."""
+    for m in tar:
+        key_ext = _KEY_EXT.match(m.name) if m.isreg() else None
+        if key_ext is None:
+            continue
+        key, ext = key_ext.group(1), key_ext.group(2).lower()
+        if ext in WDS_LABEL_EXTS:
+            groups.setdefault(key, {})["cls"] = tar.extractfile(m).read().decode().strip()
+        elif ext in WDS_IMAGE_EXTS:
+            groups.setdefault(key, {})["img"] = image(m)
+
+
 class WebDatasetSource(Dataset):
     """Webdataset tar shards of samples with an image member (.jpg/.png/...) and a .cls label, random access.
 
@@ -188,29 +201,13 @@ class WebDatasetSource(Dataset):
                 if not local.is_file():
                     raise DDCodecError(f"webdataset shard {local} does not exist", "check the shard path or pattern")
                 with tarfile.open(local) as tar:
-                    for m in tar:
-                        key_ext = _KEY_EXT.match(m.name) if m.isreg() else None
-                        if key_ext is None:
-                            continue
-                        key, ext = key_ext.group(1), key_ext.group(2).lower()
-                        if ext in WDS_LABEL_EXTS:
-                            groups.setdefault(key, {})["cls"] = tar.extractfile(m).read().decode().strip()
-                        elif ext in WDS_IMAGE_EXTS:
-                            groups.setdefault(key, {})["img"] = (s, m.offset_data, m.size)
+                    _group_members(tar, lambda m: (s, m.offset_data, m.size), groups)  # read images later, by offset
             else:
                 import webdataset as wds
                 stream = wds.gopen(url, "rb")
                 try:
                     with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                        for m in tar:
-                            key_ext = _KEY_EXT.match(m.name) if m.isreg() else None
-                            if key_ext is None:
-                                continue
-                            key, ext = key_ext.group(1), key_ext.group(2).lower()
-                            if ext in WDS_LABEL_EXTS:
-                                groups.setdefault(key, {})["cls"] = tar.extractfile(m).read().decode().strip()
-                            elif ext in WDS_IMAGE_EXTS:
-                                groups.setdefault(key, {})["img"] = tar.extractfile(m).read()
+                        _group_members(tar, lambda m: tar.extractfile(m).read(), groups)  # a stream cannot seek back
                 finally:
                     stream.close()
         except DDCodecError:

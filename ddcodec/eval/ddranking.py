@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ..bundle.atomic import replace_dir
 from ..errors import DDCodecError
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 
@@ -92,9 +93,7 @@ def export_ddranking(bundle: Any, out: str | os.PathLike, epochs: int = 1, devic
              "labels": b.manifest["labels"]["kind"], "epochs": epochs_index}
     (staging / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     (staging / "README.md").write_text(readme(index, equal))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    replace_dir(staging, out)
     return index
 
 

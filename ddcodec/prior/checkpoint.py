@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..bundle.atomic import replace_dir
 from ..errors import DDCodecError
 
 
@@ -46,12 +47,7 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, dict[str, torch.
         for name, group in tensors.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -132,7 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from ..generators.prior import load_prior
     from ..labels.teachers import load_teacher
-    from .data import ImageSet, balanced_subset, load_images
+    from .data import balanced_subset, load_images
     from .evaluate import evaluate
     if args.threads:
         torch.set_num_threads(args.threads)

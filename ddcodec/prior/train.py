@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm import tqdm
 
-from ..bundle.atomic import atomic_write_json
+from ..bundle.atomic import atomic_write_json, replace_dir
 from ..errors import DDCodecError
 from ..generators.prior import LatentPrior
 from .checkpoint import (find_checkpoint, load_checkpoint, load_optimizer_state, optimizer_state, remove_checkpoint,
@@ -391,12 +390,7 @@ def write_prior_dir(prior: LatentPrior, out: Path, record: dict[str, Any]) -> No
         atomic_write_json(tmp / "training.json", record)
         for p in [tmp, *tmp.rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
