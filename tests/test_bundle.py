@@ -219,3 +219,16 @@ def test_atomic_writes_honour_the_umask(tmp_path):
         assert os.umask(0o027) == 0o027
     finally:
         os.umask(before)
+
+
+def test_replace_dir_swaps_in_the_new_directory_and_leaves_no_old_one(tmp_path):
+    """replace_dir installs a staged directory over an existing one or a missing one, and removes <out>.old."""
+    from ddcodec.bundle.atomic import replace_dir
+    out = tmp_path / "out"
+    for content in (b"first", b"second"):
+        staging = tmp_path / "out.writing"
+        staging.mkdir()
+        (staging / "f").write_bytes(content)
+        replace_dir(staging, out)
+        assert (out / "f").read_bytes() == content and not staging.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
