@@ -160,6 +160,14 @@ def test_cli_eval_and_list(capsys):
     assert main(["teacher", "eval", "cifar10-resnet20", "--data", "sample:cifar10", "--limit", "100"]) == 0
     out = capsys.readouterr().out
     assert "top-1" in out and "on 100 test images" in out
+    assert main(["teacher", "eval", "cifar10-resnet20", "--data", "sample:cifar10", "--limit", "100",
+                 "--image-size", "16"]) == 0
+    low = capsys.readouterr().out
+    assert "on 100 test images at 16 px" in low
+    full, half = (float(t.split("top-1 ")[1].split("%")[0]) for t in (out, low))
+    assert half < full  # a quarter of the pixels, upsampled back to 32 px, loses class evidence
+    assert main(["teacher", "eval", "cifar10-resnet20", "--data", "sample:cifar10", "--image-size", "0"]) == 2
+    assert "--image-size must be at least 1" in capsys.readouterr().err
     assert main(["teacher", "list"]) == 0
     assert "cifar10-resnet56-ft" in capsys.readouterr().out
 

