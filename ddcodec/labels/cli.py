@@ -68,9 +68,9 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return correct / max(1, len(images))
 
 
-def auto_batch(images: torch.Tensor) -> int:
-    """An evaluation batch size that keeps activations modest: 256 at 32 px, 16 at 224 px."""
-    return max(1, min(256, (256 * 32 * 32) // (images.shape[-1] * images.shape[-2]) * 4))
+def auto_batch(height: int, width: int) -> int:
+    """An evaluation batch size for inputs of height x width that keeps activations modest: 256 at 32 px, 16 at 224 px."""
+    return max(1, min(256, (256 * 32 * 32) // (height * width) * 4))
 
 
 def _check_classes(name: str, classes: list[str]) -> None:
@@ -100,7 +100,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     images, labels, classes = load_split(args.data, args.split, args.limit, args.image_size or model.image_size)
     _check_classes(args.name, classes)
     t0 = time.time()
-    batch = args.batch_size or auto_batch(images)
+    seen = (model.image_size, model.image_size) if model.image_size else tuple(images.shape[-2:])  # after resizing
+    batch = args.batch_size or auto_batch(*seen)
     acc = accuracy(model, images, labels, batch, args.device, desc=f"{args.name} on {args.split}")
     at = f" at {args.image_size} px" if args.image_size else ""
     print(f"{args.name}: top-1 {100 * acc:.2f}% on {len(labels)} {args.split} images{at} of {args.data} "
