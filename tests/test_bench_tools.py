@@ -33,6 +33,25 @@ def test_naive_class_prior_pipeline_is_bitwise_the_batched_one(capsys):
     assert set(r["speedup"]) == {"mb1", "mb2"}
 
 
+def test_ld3m_bench_writes_one_row_per_T(tmp_path):
+    """bench_ld3m measures each T given and records no GPU memory on CPU."""
+    out = tmp_path / "ld3m.json"
+    tool("bench_ld3m").main(["--generator", "builtin:tiny", "--ipc", "1", "--steps", "2", "3", "--iterations", "1",
+                             "--batch-real", "4", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert [row["steps"] for row in r["rows"]] == [2, 3]
+    assert all(row["step_s"] > 0 and row["peak_gpu_bytes"] is None for row in r["rows"])
+    assert r["command"].startswith("python tools/bench_ld3m.py --generator builtin:tiny")
+
+
+def test_full_size_benchmark_priors_build_where_asked():
+    """Full-size random architectures are built on the requested device (meta here: shapes only, no storage)."""
+    from ddcodec.generators.text import load_benchmark_prior
+    prior = load_benchmark_prior("builtin:random-sdxl-turbo", device="meta")
+    assert next(prior.unet.parameters()).is_meta
+    assert sum(p.numel() for p in prior.unet.parameters()) == 2_567_463_684
+
+
 def test_peak_rss_is_the_childs(tmp_path):
     """Measured from a small parent, as the tool runs (a parent holding torch would inflate ru_maxrss: Linux
     counts the pages a child had before its exec)."""

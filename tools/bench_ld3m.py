@@ -11,12 +11,16 @@ depends on neither's content). Prints wall and CPU seconds per step.
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+import sys
 import time
+from typing import Any
 
 import torch
 
 from ddcodec.generators.ld3m import LD3MPipeline
-from ddcodec.generators.prior import load_prior
+from ddcodec.generators.text import load_benchmark_prior
 from ddcodec.methods.common import generator_record
 from ddcodec.methods.experts import flatten, matching_convnet
 from ddcodec.methods.ld3m import Config, Distiller, balanced_micro_batch
@@ -39,12 +43,12 @@ class RandomExperts:
         return self.start, self.start + 1e-3 * span * torch.randn(self.start.shape, generator=g)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--generator", default="builtin:tiny")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--ipc", type=int, default=1)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, nargs="+", default=[10], help="T values, one measurement each")
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--batch-real", type=int, default=256)
     p.add_argument("--loss", choices=("dm", "dc", "mtt"), default="dm")
@@ -55,16 +59,27 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
-    a = p.parse_args()
+    p.add_argument("--json", default=None, help="also write the timings (and peak GPU memory) here")
+    a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    prior = load_prior(a.generator, num_classes=a.classes).to(device)
+    prior = load_benchmark_prior(a.generator, device, num_classes=a.classes)
+    rows = [measure(a, prior, device, t) for t in a.steps]
+    if a.json:
+        with open(a.json, "w") as fh:
+            fh.write(json.dumps({"command": "python tools/bench_ld3m.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+                                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                                 "rows": rows}, indent=2) + "\n")
+
+
+def measure(a: argparse.Namespace, prior: Any, device: torch.device, steps: int) -> dict[str, Any]:
+    """Time (and on a GPU, peak memory of) a few LD3M steps at T = `steps`."""
     n, size = a.classes * a.ipc, (a.image_size, a.image_size)
     class_ids = torch.arange(a.classes).repeat_interleave(a.ipc)
     f = 2 ** (len(prior.vae.config.block_out_channels) - 1)
     z0 = torch.randn(n, prior.unet.config.in_channels, a.image_size // f, a.image_size // f)
-    record = generator_record(prior, "ld3m", {"steps": a.steps, "eta": 1.0, "guidance_scale": a.guidance_scale},
+    record = generator_record(prior, "ld3m", {"steps": steps, "eta": 1.0, "guidance_scale": a.guidance_scale},
                               micro_batch=balanced_micro_batch(n, a.micro_batch))
     pipe = LD3MPipeline(prior, record, {"class_ids": class_ids, "latents": z0}, [f"class {k}" for k in range(a.classes)],
                         0, size, device=device, dtype=torch.float32)
@@ -75,13 +90,17 @@ def main() -> None:
                  syn_steps=a.syn_steps, batch_syn=a.batch_syn)
     experts = RandomExperts(a.classes, size) if a.loss == "mtt" else None
     d = Distiller(pipe, z0, c0, pools, cfg, seed=0, experts=experts)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
     def timed(fn):
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
         w, c = time.perf_counter(), time.process_time()
         out = fn()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
         return out, time.perf_counter() - w, time.process_time() - c
 
@@ -95,13 +114,18 @@ def main() -> None:
             obj.append((w2, c2))
             step.append((w3, c3))
     mean = lambda xs, i: sum(x[i] for x in xs) / len(xs)  # noqa: E731
-    print(f"{a.generator} n={n} T={a.steps} guidance={a.guidance_scale} micro_batch={pipe.micro_batch} "
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    print(f"{a.generator} n={n} T={steps} guidance={a.guidance_scale} micro_batch={pipe.micro_batch} "
           f"loss={a.loss} " + (f"syn_steps={a.syn_steps} batch_syn={a.batch_syn or n} " if a.loss == "mtt" else
                               f"batch_real={a.batch_real} ") + f"device={device} threads={torch.get_num_threads()}")
     print(f"  full step        wall {mean(step, 0):.3f} s   cpu {mean(step, 1):.3f} s")
     print(f"  generator fwd    wall {mean(gen, 0):.3f} s   cpu {mean(gen, 1):.3f} s   (images only; backward is in the step)")
     print(f"  objective+bwd    wall {mean(obj, 0):.3f} s   cpu {mean(obj, 1):.3f} s   (includes the generator backward)")
-
+    if peak is not None:
+        print(f"  peak GPU memory  {peak / 2**30:.2f} GiB (torch.cuda.max_memory_allocated)", flush=True)
+    return {"generator": a.generator, "images": n, "ipc": a.ipc, "steps": steps, "loss": a.loss, "image_size": a.image_size,
+            "micro_batch": pipe.micro_batch, "batch_real": a.batch_real, "step_s": mean(step, 0),
+            "generator_forward_s": mean(gen, 0), "objective_backward_s": mean(obj, 0), "peak_gpu_bytes": peak}
 
 if __name__ == "__main__":
     main()

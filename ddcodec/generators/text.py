@@ -241,9 +241,20 @@ tiny_sdxl_turbo_prior = _builtin(text_configs.tiny_sdxl_turbo_config, "builtin:t
 register_builtin("builtin:tiny-sd-turbo", tiny_sd_turbo_prior)
 register_builtin("builtin:tiny-sdxl-turbo", tiny_sdxl_turbo_prior)
 # Full-size architectures with random weights, for GPU throughput benchmarks (built on CPU in float32 when loaded by name).
-register_builtin("builtin:random-sd-turbo", _builtin(text_configs.sd_turbo_config, "builtin:random-sd-turbo"))
-register_builtin("builtin:random-sdxl-turbo", _builtin(text_configs.sdxl_turbo_config, "builtin:random-sdxl-turbo"))
-register_builtin("builtin:random-sd15", _builtin(text_configs.sd15_config, "builtin:random-sd15"))
+FULL_SIZE = {"builtin:random-sd-turbo": text_configs.sd_turbo_config,
+             "builtin:random-sdxl-turbo": text_configs.sdxl_turbo_config,
+             "builtin:random-sd15": text_configs.sd15_config}
+for _name, _config in FULL_SIZE.items():
+    register_builtin(_name, _builtin(_config, _name))
+
+
+def load_benchmark_prior(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                         num_classes: int | None = None) -> LatentPrior:
+    """A prior by name on `device`; full-size random architectures are initialised there directly (fast on a GPU)."""
+    if name in FULL_SIZE:
+        return build_text_prior(FULL_SIZE[name](), device=device, dtype=dtype, source=name)
+    from ddcodec.generators.prior import load_prior
+    return load_prior(name, num_classes=num_classes).to(device, dtype)
 
 
 def stock_pipeline(prior: LatentPrior, img2img: bool = True) -> Any:
