@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--student-size", type=int, default=32, help="student input size (default 32: CIFAR-10)")
     ap.add_argument("--student-batch", type=int, default=64)
     ap.add_argument("--student-steps", type=int, default=20)
+    ap.add_argument("--reference-dtype", default=None, choices=DTYPES,
+                    help="also compare both sides' images with the naive pipeline run in this dtype (e.g. float32)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -139,21 +141,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ids = list(range(n))
     last: dict[str, torch.Tensor] = {}
 
-    def run_naive() -> float:
+    def naive_images(pipe: Any, kwargs: Callable[[int, str], dict[str, Any]], dt: torch.dtype) -> torch.Tensor:
         out = []
-        sync(device)
-        t = time.perf_counter()
         with cpu_deterministic(device), torch.no_grad():
             for i in ids:
                 gen = item_generators(0, [i], 0)[0]
                 c = int(items["class_ids"][i])
-                out.append(naive(image=latents[i:i + 1].to(device, dtype), strength=args.strength,
-                                 num_inference_steps=args.steps, guidance_scale=args.guidance, generator=gen,
-                                 output_type="pt", **prompt_kwargs(c, prompts[c])).images)
+                out.append(pipe(image=latents[i:i + 1].to(device, dt), strength=args.strength,
+                                num_inference_steps=args.steps, guidance_scale=args.guidance, generator=gen,
+                                output_type="pt", **kwargs(c, prompts[c])).images)
+        return torch.cat(out).float()
+
+    def run_naive() -> float:
         sync(device)
-        dt = time.perf_counter() - t
-        last["naive"] = torch.cat(out).float()
-        return dt
+        t = time.perf_counter()
+        last["naive"] = naive_images(naive, prompt_kwargs, dtype)
+        sync(device)
+        return time.perf_counter() - t
 
     def run_batched(mb: int) -> float:
         pipe = PIPELINES["img2img"](prior, spec, items, prompts, 0, size, device=device, dtype=dtype, micro_batch=mb)
@@ -168,6 +172,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mean_diff = {f"mb{mb}": float((last[f"mb{mb}"] - last["naive"]).abs().mean()) for mb in args.micro_batch}
     # random weights can drive pixels to the clamp at 0 or 1, where a rounding difference flips a whole pixel
     saturated = float(((last["naive"] <= 0) | (last["naive"] >= 1)).float().mean())
+    reference: dict[str, dict[str, float]] = {}
+    if args.reference_dtype:  # how far each side's images are from the same pipeline at a higher precision
+        ref_dtype = DTYPES[args.reference_dtype]
+        ref_prior = load_benchmark_prior(args.generator, device, ref_dtype)
+        ref_prior.vae.register_to_config(force_upcast=prior.vae.config.get("force_upcast", False))
+        ref_pipe, ref_kwargs = naive_pipeline(ref_prior, {**spec, "dtype": args.reference_dtype})
+        ref_pipe.set_progress_bar_config(disable=True)
+        ref = naive_images(ref_pipe, ref_kwargs, ref_dtype)
+        for k in ["naive"] + [f"mb{mb}" for mb in args.micro_batch]:
+            d = (last[k] - ref).abs()
+            reference[k] = {"max": float(d.max()), "mean": float(d.mean())}
+        del ref_prior, ref_pipe
     rows: dict[str, list[float]] = {"naive": []} | {f"batched_mb{mb}": [] for mb in args.micro_batch}
     student: list[float] = []
     for _ in range(args.repeats):  # interleaved so machine noise hits all alike
@@ -187,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "seconds": rows, "images_per_s": {k: n / statistics.median(v) for k, v in rows.items()},
         "max_abs_diff_vs_naive": diff, "mean_abs_diff_vs_naive": mean_diff, "naive_saturated_fraction": saturated,
+        "reference_dtype": args.reference_dtype, "abs_diff_vs_reference": reference,
         "speedup": {}}
     for mb in args.micro_batch:
         result["speedup"][f"mb{mb}"] = ratios(rows["naive"], rows[f"batched_mb{mb}"])

@@ -35,4 +35,10 @@ for dtype in float16 float32; do
     --items 16 --steps 1 --strength 1.0 --guidance 1 --micro-batch 1 16 --repeats 1 \
     --json "$RES/bench-regen-gpu-sd-turbo-1-match-$dtype.json"
 done
+# float16 images of both sides against diffusers' pipeline in float32
+for prior in sd-turbo sdxl-turbo; do
+  run "$PY" tools/bench_regen.py --generator "builtin:random-$prior" --device cuda --dtype float16 --latent-size 64 \
+    --items 8 --steps 1 --strength 1.0 --guidance 1 --micro-batch 1 8 --repeats 1 --reference-dtype float32 \
+    --json "$RES/bench-regen-gpu-$prior-1-vs-float32.json"
+done
 exit $status
