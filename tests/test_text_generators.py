@@ -180,6 +180,26 @@ def test_sdxl_turbo_img2img_equals_diffusers_pipeline(priors):
     assert torch.equal(ours, theirs)
 
 
+def test_float16_sdxl_vae_decodes_in_float32_like_diffusers():
+    """SDXL's VAE asks for float32 (force_upcast), which diffusers' SDXL pipelines honour: so does the prior,
+    and only for the block; an SD-style prior in float16 decodes in float16, as diffusers' SD pipelines do."""
+    import copy
+    xl = load_prior(SDXL).to("cpu", torch.float16)
+    assert xl.vae.config.force_upcast and xl.vae_upcast()
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref_vae = copy.deepcopy(xl.vae).float()
+    ref = ((ref_vae.decode(z / xl.scaling_factor).sample + 1) / 2).clamp(0, 1)
+    assert torch.equal(xl.decode(z), ref)
+    assert next(xl.vae.parameters()).dtype == torch.float16, "the VAE goes back to float16 afterwards"
+    images = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    latents = xl.encode(images)
+    assert latents.dtype == torch.float16
+    assert torch.equal(latents, (ref_vae.encode(images * 2 - 1).latent_dist.mean * xl.scaling_factor).half())
+    sd = load_prior(SD).to("cpu", torch.float16)
+    assert sd.vae.config.force_upcast and not sd.vae_upcast()
+    assert not load_prior(SDXL).vae_upcast(), "float32 priors need no upcast"
+
+
 def test_sdxl_size_ids_follow_the_latents(priors):
     items = {"latents": torch.zeros(1, 4, 12, 10), "class_ids": torch.tensor([0])}
     spec = {"params": {}, "scheduler": priors[SDXL].scheduler_spec(), "dtype": "float32"}

@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     prior = load_benchmark_prior(args.generator, device, dtype)
     if dtype == torch.float16 and prior.vae.config.get("force_upcast", False):
-        # Diffusers' SDXL pipelines would re-cast the VAE to float32 for every decode, and ddcodec decodes in the
-        # prior's dtype: decode in float16 on both sides (what an fp16-safe VAE such as sdxl-vae-fp16-fix gives).
+        # Both sides would run an SDXL VAE in float32 (LatentPrior.vae_upcast, diffusers' upcast_vae); measure the
+        # float16 decode instead, which is what an fp16-safe VAE such as sdxl-vae-fp16-fix gives.
         prior.vae.register_to_config(force_upcast=False)
     n, h = args.items, args.latent_size
     if prior.kind == "text":

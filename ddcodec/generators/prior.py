@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -54,18 +55,42 @@ class LatentPrior:
             m.eval().requires_grad_(False)
         return self
 
+    def vae_upcast(self) -> bool:
+        """Whether the VAE runs in float32 under a float16 SDXL-style prior whose VAE asks for it (force_upcast).
+
+        SDXL's VAE overflows in float16; diffusers' SDXL pipelines honour the flag the same way (SD's do not)."""
+        p = next(self.vae.parameters())
+        return (p.dtype == torch.float16 and bool(self.vae.config.get("force_upcast", False))
+                and self.unet.config.get("addition_embed_type") == "text_time")
+
+    @contextlib.contextmanager
+    def _vae_precision(self) -> Iterator[torch.dtype]:
+        """The dtype to feed the VAE; float32 for the duration of the block where `vae_upcast()`."""
+        p = next(self.vae.parameters())
+        if not self.vae_upcast():
+            yield p.dtype
+            return
+        self.vae.to(torch.float32)
+        try:
+            yield torch.float32
+        finally:
+            self.vae.to(torch.float16)
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Scaled latent means of images in [0, 1]; deterministic (no sampling)."""
         p = next(self.vae.parameters())
-        dist = self.vae.encode(images.to(p.device, p.dtype) * 2 - 1).latent_dist
-        return (dist.mean * self.scaling_factor).contiguous()
+        out_dtype = p.dtype
+        with self._vae_precision() as dtype:
+            dist = self.vae.encode(images.to(p.device, dtype) * 2 - 1).latent_dist
+            return (dist.mean * self.scaling_factor).to(out_dtype).contiguous()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] from scaled latents."""
         p = next(self.vae.parameters())
-        x = self.vae.decode((latents.to(p.device, p.dtype) / self.scaling_factor).contiguous()).sample
+        with self._vae_precision() as dtype:
+            x = self.vae.decode((latents.to(p.device, dtype) / self.scaling_factor).contiguous()).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     def component_hashes(self, refresh: bool = False) -> dict[str, str]:
