@@ -168,8 +168,8 @@ class LD3MPipeline(RegenerationPipeline):
             return self._decode(latents)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.prior.vae
-        x = vae.decode((latents / self.prior.scaling_factor).contiguous()).sample
+        with self.prior.vae_precision() as dtype:
+            x = self.prior.vae.decode((latents.to(dtype) / self.prior.scaling_factor).contiguous()).sample
         x = ((x.float() + 1) / 2).clamp(0, 1)
         if tuple(x.shape[-2:]) != self.image_size:
             x = torch.nn.functional.interpolate(x, size=self.image_size, mode="bilinear", antialias=True,

@@ -64,7 +64,7 @@ class LatentPrior:
                 and self.unet.config.get("addition_embed_type") == "text_time")
 
     @contextlib.contextmanager
-    def _vae_precision(self) -> Iterator[torch.dtype]:
+    def vae_precision(self) -> Iterator[torch.dtype]:
         """The dtype to feed the VAE; float32 for the duration of the block where `vae_upcast()`."""
         p = next(self.vae.parameters())
         if not self.vae_upcast():
@@ -81,7 +81,7 @@ class LatentPrior:
         """Scaled latent means of images in [0, 1]; deterministic (no sampling)."""
         p = next(self.vae.parameters())
         out_dtype = p.dtype
-        with self._vae_precision() as dtype:
+        with self.vae_precision() as dtype:
             dist = self.vae.encode(images.to(p.device, dtype) * 2 - 1).latent_dist
             return (dist.mean * self.scaling_factor).to(out_dtype).contiguous()
 
@@ -89,7 +89,7 @@ class LatentPrior:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] from scaled latents."""
         p = next(self.vae.parameters())
-        with self._vae_precision() as dtype:
+        with self.vae_precision() as dtype:
             x = self.vae.decode((latents.to(p.device, dtype) / self.scaling_factor).contiguous()).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
 
