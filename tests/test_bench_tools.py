@@ -145,3 +145,12 @@ def test_results_table_records_how_a_reused_bundle_was_made(tmp_path, monkeypatc
     rt.main(["--name", "b", "--bundles-from", "a", *common])  # other LD3M options: the bundle is reused as made
     assert [c[0] for c in ran] == ["encode", "eval", "eval"]
     assert json.loads((tmp_path / "o" / "b" / "ld3m-dm.json").read_text())["encode_command"] == first
+
+
+def test_table_rows_name_non_default_settings():
+    """A row says what sets its bundle apart from the table's others: LD3M's optimiser, a patch factor other than 2."""
+    method_settings = tool("eval_table").method_settings
+    assert method_settings({"method": "rded", "method_params": {"factor": 1}}) == ", factor 1"
+    assert method_settings({"method": "dace", "method_params": {"factor": 2}}) == ""
+    assert method_settings({"method": "ld3m", "method_params": {"iterations": 50, "optimizer": "adam", "lr_z": 0.01}}) \
+        == ", 50 iterations, Adam lr 0.01"

@@ -27,12 +27,15 @@ def human(n: float | None) -> str:
 OPTIMIZERS = {"sgd": "SGD", "adam": "Adam"}
 
 
-def ld3m_settings(b: dict[str, Any]) -> str:
-    """', 50 iterations, SGD lr 0.01' for an LD3M bundle (its optimisation settings differ between tables), else ''."""
-    if b["method"] != "ld3m":
-        return ""
+def method_settings(b: dict[str, Any]) -> str:
+    """', 50 iterations, SGD lr 0.01' for an LD3M bundle (its optimisation settings differ between tables),
+    ', factor 1' for patches at a factor other than the default 2, else ''."""
     p = b["method_params"]
-    return f", {p['iterations']} iterations, {OPTIMIZERS[p['optimizer']]} lr {p['lr_z']:g}"
+    if b["method"] == "ld3m":
+        return f", {p['iterations']} iterations, {OPTIMIZERS[p['optimizer']]} lr {p['lr_z']:g}"
+    if b["method"] in ("rded", "dace") and p.get("factor", 2) != 2:
+        return f", factor {p['factor']}"
+    return ""
 
 
 def row(r: dict[str, Any]) -> str:
@@ -41,7 +44,7 @@ def row(r: dict[str, Any]) -> str:
         b = r["bundle"]
         method = b["method"] + (f"-{b['method_params']['loss']}" if b["method"] == "ld3m" else "")
         labels = r["labels"]["used"] + (f", online {r['labels']['online_teacher']}" if r["labels"].get("online_teacher") else "")
-        what = f"{method} bundle ({b['generator']}, {labels}{ld3m_settings(b)})"
+        what = f"{method} bundle ({b['generator']}, {labels}{method_settings(b)})"
         ipc, size, soft = b["ipc"], human(b["bytes"]), human(b["soft_label_bytes"])
     else:
         d = r["data"]
