@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 "$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 status=0
-run() { echo "+ $*"; "$@" || { echo "FAILED ($?): $*"; status=1; }; [ -z "${AFTER:-}" ] || eval "$AFTER"; }
+run() { echo "+ $*"; "$@" || { echo "FAILED ($?): $*"; status=1; }; }
 for prior in sd-turbo sdxl-turbo; do
   for steps in 1 2 4; do
     run "$PY" tools/bench_regen.py --generator "builtin:random-$prior" --device cuda --dtype float16 --latent-size 64 \
