@@ -15,7 +15,8 @@ from .errors import DDCodecError
 
 # Extra sub-commands contributed by other modules: name -> "module:register" where
 # register(subparsers) adds the parser and sets `func`.
-PLUGINS = ["ddcodec.prior.cli:register", "ddcodec.labels.cli:register", "ddcodec.eval.cli:register",
+PLUGINS = ["ddcodec.prior.cli:register", "ddcodec.labels.cli:register", "ddcodec.labels.relabel:register",
+           "ddcodec.eval.cli:register",
            "ddcodec.methods.experts:register"]
 
 
@@ -79,13 +80,18 @@ def inspect_summary(bundle: Any) -> dict[str, Any]:
         "method_params": {k: v for k, v in m["method"]["params"].items() if k != "source_indices"},
         "items": bundle.num_items, "classes": bundle.class_names, "variants": bundle.variants,
         "image_size": m["image"]["size"], "seed": m["seed"],
-        "labels": m["labels"].get("codec", {"name": "hard"}) | {"kind": m["labels"]["kind"]},
+        "labels": m["labels"].get("codec", {"name": "hard"}) | {"kind": m["labels"]["kind"], "teacher": _teacher(m["labels"])},
         "generator": {"source": gen["model"]["source"], "pipeline": gen["pipeline"], "dtype": gen["dtype"],
                       "scheduler": gen["scheduler"].get("class"), "params": gen["params"],
                       "micro_batch": gen["micro_batch"], "components": gen["model"]["components"]},
         "bytes": parts, "total_bytes": sum(parts.values()),
         "fingerprints": len(m.get("fingerprints", {}).get("entries", [])),
     }
+
+
+def _teacher(labels: dict[str, Any]) -> str | None:
+    """The teacher a bundle's labels come from: stored soft labels' or the one the consumer runs online."""
+    return (labels.get("teacher") or labels.get("online_teacher") or {}).get("name")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -100,7 +106,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"{s['image_size'][0]}x{s['image_size'][1]} px, seed {s['seed']}")
     print(f"classes    {', '.join(s['classes'])}")
     print(f"labels     {s['labels']['kind']}" + (f" ({s['labels']['name']}, k={s['labels'].get('k')}, "
-                                                   f"{s['labels'].get('quant')})" if s['labels']['kind'] == 'soft' else ""))
+                                                   f"{s['labels'].get('quant')})" if s['labels']['kind'] == 'soft' else "")
+          + (f", {'online ' if s['labels']['kind'] == 'hard' else ''}teacher {s['labels']['teacher']}"
+             if s['labels']['teacher'] else ""))
     g = s["generator"]
     print(f"generator  {g['source']}  pipeline={g['pipeline']} dtype={g['dtype']} scheduler={g['scheduler']} "
           f"params={json.dumps(g['params'])}")

@@ -248,3 +248,43 @@ def test_class_prior_refuses_other_classes(cifar_folder, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
     assert main(["encode", "--method", "d4m", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "y"),
                  "--generator", "builtin:tiny", "--ipc", "1", "--labels", "hard", "--steps", "2"]) == 0
+
+
+def relabel(src, out, *extra: str) -> int:
+    return main(["relabel", str(src), "--out", str(out), *extra])
+
+
+def test_relabel_changes_labels_only(bundles, tmp_path):
+    """Soft -> hard -> soft gives back the encoder's labels bit for bit; items and images never change."""
+    src = Bundle.open(bundles["d4m"])
+    assert relabel(bundles["d4m"], tmp_path / "online", "--labels", "online", "--teacher", "cifar10-resnet56") == 0
+    online = Bundle.open(tmp_path / "online")
+    assert online.manifest["labels"] == {"kind": "hard",
+                                         "online_teacher": {"name": "cifar10-resnet56", "temperature": 1.0}}
+    assert "labels" not in online.payloads and online.manifest["method"]["params"]["relabelled_from"] == src.digest()
+    assert all(torch.equal(online.items[k], v) for k, v in src.items.items())
+    assert online.manifest["fingerprints"]["entries"] == src.manifest["fingerprints"]["entries"]
+    for epoch in (0, 1):
+        a, b = regenerate(bundles["d4m"], epoch), regenerate(tmp_path / "online", epoch)
+        assert all(torch.equal(a[i], b[i]) for i in a)
+    assert relabel(tmp_path / "online", tmp_path / "soft") == 0  # default: soft, the dataset's teacher
+    soft = Bundle.open(tmp_path / "soft")
+    assert soft.manifest["labels"] == src.manifest["labels"]
+    assert all(torch.equal(soft.labels[k], v) for k, v in src.labels.items())
+
+
+def test_relabel_refuses_bad_input_and_keeps_the_bundle(bundles, tmp_path, capsys):
+    shutil.copytree(bundles["rded"], tmp_path / "b")
+    before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "b").iterdir())
+    cases = [(["--labels", "hard"], "already exists"),
+             (["--labels", "soft", "--teacher", "imagenette-efficientnet-lite0", "--overwrite"], "other classes"),
+             (["--variants", "3", "--overwrite"], "keeps the bundle's 1 variant"),
+             (["--teacher", "no-such-teacher", "--overwrite"], "no-such-teacher")]
+    for extra, message in cases:
+        assert relabel(tmp_path / "b", tmp_path / "b", *extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "b").iterdir()) == before
+    assert relabel(tmp_path / "b", tmp_path / "b", "--labels", "hard", "--overwrite") == 0  # in place
+    assert Bundle.open(tmp_path / "b").manifest["labels"] == {"kind": "hard"}
+    assert not (tmp_path / "b.old").exists() and not (tmp_path / "b.writing").exists()
