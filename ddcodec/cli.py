@@ -80,7 +80,8 @@ def inspect_summary(bundle: Any) -> dict[str, Any]:
         "method_params": {k: v for k, v in m["method"]["params"].items() if k != "source_indices"},
         "items": bundle.num_items, "classes": bundle.class_names, "variants": bundle.variants,
         "image_size": m["image"]["size"], "seed": m["seed"],
-        "labels": m["labels"].get("codec", {"name": "hard"}) | {"kind": m["labels"]["kind"], "teacher": _teacher(m["labels"])},
+        "labels": m["labels"].get("codec", {"name": "hard"}) | {"kind": m["labels"]["kind"], "teacher": _teacher(m["labels"]),
+                                                                 "top1_is_class": m["labels"].get("teacher", {}).get("top1_is_class")},
         "generator": {"source": gen["model"]["source"], "pipeline": gen["pipeline"], "dtype": gen["dtype"],
                       "scheduler": gen["scheduler"].get("class"), "params": gen["params"],
                       "micro_batch": gen["micro_batch"], "components": gen["model"]["components"]},
@@ -108,7 +109,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"labels     {s['labels']['kind']}" + (f" ({s['labels']['name']}, k={s['labels'].get('k')}, "
                                                    f"{s['labels'].get('quant')})" if s['labels']['kind'] == 'soft' else "")
           + (f", {'online ' if s['labels']['kind'] == 'hard' else ''}teacher {s['labels']['teacher']}"
-             if s['labels']['teacher'] else ""))
+             if s['labels']['teacher'] else "")
+          + (f", top-1 is the item's class on {s['labels']['top1_is_class']:.1%}"
+             if s['labels'].get('top1_is_class') is not None else ""))
     g = s["generator"]
     print(f"generator  {g['source']}  pipeline={g['pipeline']} dtype={g['dtype']} scheduler={g['scheduler']} "
           f"params={json.dumps(g['params'])}")

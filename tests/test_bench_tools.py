@@ -154,3 +154,24 @@ def test_table_rows_name_non_default_settings():
     assert method_settings({"method": "dace", "method_params": {"factor": 2}}) == ""
     assert method_settings({"method": "ld3m", "method_params": {"iterations": 50, "optimizer": "adam", "lr_z": 0.01}}) \
         == ", 50 iterations, Adam lr 0.01"
+
+
+def test_label_agreement_counts_the_teacher_top1_against_the_classes(noisy_bundle):
+    """A teacher that always says class 0 agrees with exactly the class-0 items, in every variant."""
+    from ddcodec.bundle import Bundle
+
+    class Always0(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.tensor([4.0] + [0.0] * 9))
+
+        def forward(self, x):
+            return self.bias.expand(len(x), -1)
+
+    b = Bundle.open(noisy_bundle)
+    r = tool("label_agreement").agreement(b, Always0())
+    share0 = float((b.items["class_ids"] == 0).float().mean())
+    assert r["variants"] == 3 and r["teacher_top1_is_class"] == pytest.approx(share0)
+    p0 = torch.tensor([4.0] + [0.0] * 9).softmax(-1)
+    expected = share0 * float(p0[0]) + (1 - share0) * float(p0[1])
+    assert r["teacher_prob_of_class"] == pytest.approx(expected, rel=1e-5) and "stored_top1_is_class" not in r

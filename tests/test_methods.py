@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ddcodec.bundle import Bundle
 from ddcodec.cli import main
 from ddcodec.errors import DDCodecError
-from ddcodec.labels.codec import decode_soft_labels
+from ddcodec.labels.codec import decode_soft_labels, encode_soft_labels
 from ddcodec.loader import DistilledDataset
 from ddcodec.methods.checkpoint import WorkDir
 from ddcodec.methods.patch_selection import crop_box, stitch
@@ -110,6 +110,34 @@ def test_soft_labels_match_teacher_on_regenerated_images(bundles):
         p = torch.softmax(teacher(x), -1)
     assert (soft - p).abs().max() < 0.01  # int8 quantisation and the top-5 tail
     assert torch.equal(soft.argmax(-1), p.argmax(-1))
+
+
+def test_soft_labels_record_how_often_the_teacher_names_the_class(bundles):
+    """The manifest records the share of labels whose top-1 is the item's class; a low share warns at encode."""
+    from ddcodec.labels.softlabels import attach_labels, class_agreement, LabelOptions
+    b = Bundle.open(bundles["d4m"])
+    codec, cls = b.manifest["labels"]["codec"], b.items["class_ids"]
+    top1 = torch.stack([decode_soft_labels(b.labels, codec, torch.arange(b.num_items), v).argmax(-1)
+                        for v in range(b.variants)], 1)
+    assert b.manifest["labels"]["teacher"]["top1_is_class"] == round(float((top1 == cls[:, None]).float().mean()), 4)
+    probs = F.one_hot(torch.tensor([[0], [1], [2], [0]]), 3).float()  # items of classes 0, 1, 1, 1: 2 of 4 agree
+    tensors, c = encode_soft_labels(probs, 2, "int8", 1.0)
+    assert class_agreement(tensors, c, torch.tensor([0, 1, 1, 1])) == 0.5
+
+    class Always(torch.nn.Module):  # a teacher that names `k` whatever the image
+        def __init__(self, k):
+            super().__init__()
+            self.logits = torch.nn.Parameter(F.one_hot(torch.tensor(k), 10).float() * 9)
+
+        def forward(self, x):
+            return self.logits.expand(len(x), -1)
+
+    m = {k: v for k, v in b.manifest.items() if k != "labels"}
+    opts = LabelOptions(teacher="const", variants=b.variants)
+    items = {"items": b.items}
+    with pytest.warns(UserWarning, match="mostly teach other classes"):
+        out, _ = attach_labels(m, items, opts, Always(3))
+    assert out["labels"]["teacher"]["top1_is_class"] == round(float((cls == 3).float().mean()), 4)
 
 
 @pytest.mark.parametrize("method,stop", [("d4m", 11), ("rded", 4), pytest.param("dace", 4, marks=pytest.mark.slow)])

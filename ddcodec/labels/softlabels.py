@@ -4,6 +4,7 @@ teacher, and store the top-k codec payload (FKD-style, one label per item per pl
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,9 +13,10 @@ import torch.nn.functional as F
 
 from ..bundle import Bundle
 from ..errors import DDCodecError
-from .codec import QUANT, encode_soft_labels
+from .codec import QUANT, decode_soft_labels, encode_soft_labels
 
 KINDS = ("hard", "soft", "online")
+AGREEMENT_WARNING = 0.5  # below this share of labels naming the item's class, encode warns
 DEFAULT_TEACHERS = {"cifar10": "cifar10-resnet56", "imagenette": "imagenette-efficientnet-lite0"}
 
 
@@ -150,7 +152,20 @@ def attach_labels(manifest: dict[str, Any], payloads: dict[str, dict[str, torch.
     for key in spec:
         rows = [torch.cat([u[key] for (variant, _), u in zip(units, done) if variant == j])[:n] for j in range(v)]
         labels[key] = torch.cat(rows, dim=1).contiguous()
+    agree = class_agreement(labels, codec, bundle.items["class_ids"])
     manifest["labels"] = {"kind": "soft", "payload": "labels", "codec": codec,
                           "teacher": {"name": opts.teacher, "temperature": opts.temperature,
-                                      "input_size": getattr(teacher, "image_size", None)}}
+                                      "input_size": getattr(teacher, "image_size", None), "top1_is_class": agree}}
+    if agree < AGREEMENT_WARNING:
+        warnings.warn(f"the teacher's top-1 is the item's class on only {agree:.0%} of the regenerated images, so "
+                      "these soft labels mostly teach other classes; consider --labels hard, a better prior or "
+                      "another teacher")
     return manifest, {**payloads, "labels": labels}
+
+
+def class_agreement(labels: dict[str, torch.Tensor], codec: dict[str, Any], class_ids: torch.Tensor) -> float:
+    """The share of (item, variant) labels whose top-1 class is the item's class."""
+    ids = torch.arange(len(class_ids))
+    hits = [(decode_soft_labels(labels, codec, ids, v).argmax(-1) == class_ids).float().mean()
+            for v in range(int(codec["variants"]))]
+    return round(float(torch.stack(hits).mean()), 4)
