@@ -148,12 +148,17 @@ def test_results_table_records_how_a_reused_bundle_was_made(tmp_path, monkeypatc
 
 
 def test_table_rows_name_non_default_settings():
-    """A row says what sets its bundle apart from the table's others: LD3M's optimiser, a patch factor other than 2."""
+    """A row says what sets its bundle apart from the table's others: LD3M's optimiser, a patch factor other than 2,
+    DACE's noise level, relabelled labels."""
     method_settings = tool("eval_table").method_settings
     assert method_settings({"method": "rded", "method_params": {"factor": 1}}) == ", factor 1"
     assert method_settings({"method": "dace", "method_params": {"factor": 2}}) == ""
     assert method_settings({"method": "ld3m", "method_params": {"iterations": 50, "optimizer": "adam", "lr_z": 0.01}}) \
         == ", 50 iterations, Adam lr 0.01"
+    assert method_settings({"method": "dace", "method_params": {"factor": 2}, "generator_params": {"rho": 0.4}}) \
+        == ", rho 0.4"
+    assert method_settings({"method": "dace", "method_params": {"factor": 2}, "generator_params": {"rho": 0.8}}) == ""
+    assert method_settings({"method": "d4m", "method_params": {"relabelled_from": "abc"}}) == ", relabelled"
 
 
 def test_label_agreement_counts_the_teacher_top1_against_the_classes(noisy_bundle):

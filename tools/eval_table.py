@@ -29,13 +29,17 @@ OPTIMIZERS = {"sgd": "SGD", "adam": "Adam"}
 
 def method_settings(b: dict[str, Any]) -> str:
     """', 50 iterations, SGD lr 0.01' for an LD3M bundle (its optimisation settings differ between tables),
-    ', factor 1' for patches at a factor other than the default 2, else ''."""
+    ', factor 1' for patches at a factor other than the default 2, ', rho 0.4' for dace at another noise level
+    than 0.8, and ', relabelled' for labels given by `ddcodec relabel`; else ''."""
     p = b["method_params"]
     if b["method"] == "ld3m":
-        return f", {p['iterations']} iterations, {OPTIMIZERS[p['optimizer']]} lr {p['lr_z']:g}"
-    if b["method"] in ("rded", "dace") and p.get("factor", 2) != 2:
-        return f", factor {p['factor']}"
-    return ""
+        out = f", {p['iterations']} iterations, {OPTIMIZERS[p['optimizer']]} lr {p['lr_z']:g}"
+    else:
+        out = f", factor {p['factor']}" if b["method"] in ("rded", "dace") and p.get("factor", 2) != 2 else ""
+    rho = b.get("generator_params", {}).get("rho")
+    if b["method"] == "dace" and rho is not None and rho != 0.8:
+        out += f", rho {rho:g}"
+    return out + (", relabelled" if "relabelled_from" in p else "")
 
 
 def row(r: dict[str, Any]) -> str:

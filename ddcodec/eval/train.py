@@ -202,7 +202,7 @@ def bundle_record(bundle: Any) -> dict[str, Any]:
     return {"source": s["source"], "digest": bundle.digest(), "method": s["method"], "method_params": s["method_params"],
             "ipc": ipc, "items": s["items"], "classes": s["classes"], "variants": s["variants"],
             "image_size": s["image_size"], "generator": s["generator"]["source"], "pipeline": s["generator"]["pipeline"],
-            "bytes": s["total_bytes"], "bytes_without_reference": s["total_bytes"] - s["bytes"].get("reference", 0),
+            "generator_params": s["generator"]["params"], "bytes": s["total_bytes"], "bytes_without_reference": s["total_bytes"] - s["bytes"].get("reference", 0),
             "soft_label_bytes": soft_bytes, "bytes_by_part": s["bytes"]}
 
 
