@@ -159,6 +159,7 @@ def test_table_rows_name_non_default_settings():
         == ", rho 0.4"
     assert method_settings({"method": "dace", "method_params": {"factor": 2}, "generator_params": {"rho": 0.8}}) == ""
     assert method_settings({"method": "d4m", "method_params": {"relabelled_from": "abc"}}) == ", relabelled"
+    assert method_settings({"method": "d4m", "method_params": {}, "generator_params": {"strength": 0.4}}) == ", strength 0.4"
 
 
 def test_label_agreement_counts_the_teacher_top1_against_the_classes(noisy_bundle):

@@ -29,16 +29,18 @@ OPTIMIZERS = {"sgd": "SGD", "adam": "Adam"}
 
 def method_settings(b: dict[str, Any]) -> str:
     """', 50 iterations, SGD lr 0.01' for an LD3M bundle (its optimisation settings differ between tables),
-    ', factor 1' for patches at a factor other than the default 2, ', rho 0.4' for dace at another noise level
-    than 0.8, and ', relabelled' for labels given by `ddcodec relabel`; else ''."""
+    ', factor 1' for patches at a factor other than the default 2, ', rho 0.4' / ', strength 0.4' for dace / d4m
+    at another noise level than their defaults (0.8 / 0.7), and ', relabelled' for labels given by `ddcodec relabel`; else ''."""
     p = b["method_params"]
     if b["method"] == "ld3m":
         out = f", {p['iterations']} iterations, {OPTIMIZERS[p['optimizer']]} lr {p['lr_z']:g}"
     else:
         out = f", factor {p['factor']}" if b["method"] in ("rded", "dace") and p.get("factor", 2) != 2 else ""
-    rho = b.get("generator_params", {}).get("rho")
-    if b["method"] == "dace" and rho is not None and rho != 0.8:
-        out += f", rho {rho:g}"
+    gen = b.get("generator_params", {})
+    if b["method"] == "dace" and gen.get("rho", 0.8) != 0.8:
+        out += f", rho {gen['rho']:g}"
+    if b["method"] == "d4m" and gen.get("strength", 0.7) != 0.7:
+        out += f", strength {gen['strength']:g}"
     return out + (", relabelled" if "relabelled_from" in p else "")
 
 
