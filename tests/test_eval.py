@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddcodec.errors import DDCodecError
-from ddcodec.eval.augment import augment, crop_flip
+from ddcodec.eval.augment import augment, crop_flip, cutmix
 from ddcodec.eval.students import STUDENTS, build_student
 from ddcodec.eval.train import TrainConfig, eval_bundle, soft_loss
 
@@ -45,6 +45,19 @@ def test_augment_seeded_and_exact():
     assert all(torch.equal(s, o) or torch.equal(s, o.flip(-1)) for s, o in zip(same, x))
     r = augment(x, torch.Generator().manual_seed(2), "rrc")
     assert r.shape == x.shape and torch.isfinite(r).all()
+
+
+def test_cutmix_pastes_one_box_and_reports_its_area():
+    x = torch.arange(4, dtype=torch.float32)[:, None, None, None].expand(4, 3, 16, 16).clone()  # image i is all i
+    mixed, perm, kept = cutmix(x, torch.Generator().manual_seed(3))
+    again = cutmix(x, torch.Generator().manual_seed(3))
+    assert torch.equal(mixed, again[0]) and torch.equal(perm, again[1]) and kept == again[2]
+    for i in range(4):
+        own = (mixed[i] == i).float().mean().item()
+        assert own == pytest.approx(kept) or perm[i] == i  # the pasted box covers exactly 1 - kept of the image
+        assert set(mixed[i].unique().tolist()) <= {float(i), float(perm[i])}
+    kept_values = {cutmix(x, torch.Generator().manual_seed(s))[2] for s in range(20)}
+    assert len(kept_values) > 5 and all(0.0 <= k <= 1.0 for k in kept_values)
 
 
 def test_soft_loss():
@@ -144,3 +157,17 @@ def test_online_teacher_relabels_augmented_batches():
     originals = {tuple(images[i].float().div(255).flatten().tolist()) for i in range(12)}
     assert sum(tuple(x.flatten().tolist()) not in originals for b in teacher.seen for x in b) > 6  # augmented crops
     assert r["accuracy"] == 1.0  # trained only on the teacher's labels (class 7), not the hard ones
+
+
+def test_cutmix_training_mixes_labels_and_is_recorded(soft_bundle, cifar_folder):
+    cfg = TrainConfig(epochs=2, batch_size=5, mix="cutmix")
+    r = eval_bundle(soft_bundle, "convnet3", str(cifar_folder), cfg, [0, 0])
+    a, b = r["per_seed"]
+    assert a["final_loss"] == b["final_loss"] and r["train"]["mix"] == "cutmix"
+    plain = eval_bundle(soft_bundle, "convnet3", str(cifar_folder), TrainConfig(epochs=2, batch_size=5), [0])
+    assert plain["per_seed"][0]["final_loss"] != a["final_loss"]
+    hard = eval_bundle(soft_bundle, "convnet3", str(cifar_folder), TrainConfig(epochs=1, batch_size=5, mix="cutmix",
+                                                                                labels="hard"), [0])
+    assert hard["labels"]["used"] == "hard (CE)" and hard["per_seed"][0]["final_loss"] > 0
+    with pytest.raises(DDCodecError, match="unknown mix"):
+        eval_bundle(soft_bundle, "convnet3", str(cifar_folder), TrainConfig(epochs=1, mix="mixup"), [0])

@@ -44,23 +44,39 @@ def method_settings(b: dict[str, Any]) -> str:
     return out + (", relabelled" if "relabelled_from" in p else "")
 
 
+def recipe(t: dict[str, Any]) -> str:
+    """', AdamW lr 0.001, T 4' for a student recipe off the defaults (SGD lr 0.01, the labels' temperature); else ''."""
+    out = ""
+    if t.get("optimizer", "sgd") != "sgd" or t.get("lr", 0.01) != 0.01:
+        out += f", {t.get('optimizer', 'sgd').replace('adamw', 'AdamW').replace('sgd', 'SGD')} lr {t['lr']:g}"
+    if t.get("temperature"):
+        out += f", T {t['temperature']:g}"
+    return out
+
+
+def augmentation(t: dict[str, Any]) -> str:
+    """'crop', 'rrc', 'rrc+cutmix', ..."""
+    return (t.get("augment") or "crop") + (f"+{t['mix']}" if t.get("mix", "none") != "none" else "")
+
+
 def row(r: dict[str, Any]) -> str:
     """One table row for one report."""
     if r["kind"] == "bundle":
         b = r["bundle"]
         method = b["method"] + (f"-{b['method_params']['loss']}" if b["method"] == "ld3m" else "")
         labels = r["labels"]["used"] + (f", online {r['labels']['online_teacher']}" if r["labels"].get("online_teacher") else "")
-        what = f"{method} bundle ({b['generator']}, {labels}{method_settings(b)})"
+        what = f"{method} bundle ({b['generator']}, {labels}{method_settings(b)}{recipe(r['train'])})"
         ipc, size, soft = b["ipc"], human(b["bytes"]), human(b["soft_label_bytes"])
     else:
         d = r["data"]
         what = "real pixels, " + ("full split" if r["kind"] == "real-full" else f"random subset (seed {d['subset_seed']})")
+        what += recipe(r["train"])
         ipc, size, soft = d["ipc"] or "all", f"{human(d['pixel_bytes_uint8'])} raw uint8", "–"
     acc = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={len(r['accuracy'])})"
     regen = f"{r['regen_images_per_s']:.0f}" if r.get("regen_images_per_s") else "–"
     student = f"{r['student_images_per_s']:.0f}" if r.get("student_images_per_s") else "–"
     return (f"| {what} | {ipc} | {r['student']} | {acc} | {size} | {soft} | {r['train']['epochs']} | "
-            f"{r['train'].get('augment') or 'crop'} | {r['test']['images']} | {student} | {regen} |")
+            f"{augmentation(r['train'])} | {r['test']['images']} | {student} | {regen} |")
 
 
 def main() -> None:

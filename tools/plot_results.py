@@ -22,7 +22,9 @@ def point(r: dict[str, Any]) -> tuple[str, float, float, float]:
     if r["kind"] == "bundle":
         b = r["bundle"]
         name = "ld3m-" + b["method_params"].get("loss", "") if b["method"] == "ld3m" else b["method"]
-        aug = " (rrc)" if r["train"].get("augment") == "rrc" else ""
+        aug = r["train"].get("augment") or "crop"
+        aug += f"+{r['train']['mix']}" if r["train"].get("mix", "none") != "none" else ""
+        aug = f" ({aug})" if aug != "crop" else ""
         return f"{name} bundle{aug}", float(b["bytes"]), 100 * r["mean"], 100 * r["std"]
     d = r["data"]
     name = "full data (pixels)" if r["kind"] == "real-full" else "random real (pixels)"

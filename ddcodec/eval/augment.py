@@ -82,3 +82,22 @@ def normalize(x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tup
     m = torch.tensor(mean, device=x.device, dtype=x.dtype)[:, None, None]
     s = torch.tensor(std, device=x.device, dtype=x.dtype)[:, None, None]
     return (x - m) / s
+
+
+
+MIXES = ("none", "cutmix")
+
+
+def cutmix(x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """CutMix (Yun et al. 2019, Beta(1, 1)): paste one box from a shuffled batch; returns (mixed, perm, kept area)."""
+    n, _, h, w = x.shape
+    lam = float(torch.rand((), generator=g, dtype=torch.float64))
+    perm = torch.randperm(n, generator=g)
+    cut = math.sqrt(1.0 - lam)
+    ch, cw = int(h * cut), int(w * cut)
+    cy, cx = int(torch.randint(0, h, (), generator=g)), int(torch.randint(0, w, (), generator=g))
+    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    out = x.clone()
+    out[:, :, y0:y1, x0:x1] = x[perm.to(x.device), :, y0:y1, x0:x1]
+    return out, perm, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)

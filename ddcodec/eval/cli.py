@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from ..errors import DDCodecError
-from .augment import MODES
+from .augment import MIXES, MODES
 from .students import STUDENTS
 from .train import LABEL_MODES, TrainConfig
 
@@ -33,7 +33,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
         raise DDCodecError(f"--batch-size must be at least 2, not {args.batch_size}")
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-                       augment=args.augment, temperature=args.temperature, labels=getattr(args, "labels", "hard"),
+                       augment=args.augment, mix=args.mix, temperature=args.temperature, labels=getattr(args, "labels", "hard"),
                        device=args.device, eval_batch=args.eval_batch)
 
 
@@ -111,6 +111,9 @@ def _training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine")
     p.add_argument("--augment", choices=MODES, default=None,
                    help="crop: pad+crop+flip; rrc: random-resized-crop+flip (default: crop up to 64 px, rrc above)")
+    p.add_argument("--mix", choices=MIXES, default="none",
+                   help="cutmix: paste a box from another image of the batch; labels mix by area, or the online "
+                        "teacher labels the mixed image (RDED/SRe2L training; default none)")
     p.add_argument("--test-data", default=None, help="real test data source (default: the data the bundle or --data came from)")
     p.add_argument("--test-split", default="test")
     p.add_argument("--test-limit", type=int, default=None, help="test on N evenly spread images (default: all)")

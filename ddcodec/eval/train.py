@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..errors import DDCodecError
-from .augment import IMAGENET_MEAN, IMAGENET_STD, augment, default_mode, normalize
+from .augment import IMAGENET_MEAN, IMAGENET_STD, MIXES, augment, cutmix, default_mode, normalize
 from .feeds import BundleFeed, TensorFeed, load_split, load_tensors
 from .students import build_student, count_parameters
 
@@ -36,6 +36,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     augment: str | None = None
+    mix: str = "none"
     temperature: float | None = None
     labels: str = "auto"
     device: str = "cpu"
@@ -100,6 +101,8 @@ def fit(student: str, num_classes: int, image_size: tuple[int, int], feed: Bundl
 
     With a `teacher`, every augmented batch is relabelled by it (FKD/RDED-style: the label matches the crop).
     """
+    if cfg.mix not in MIXES:
+        raise DDCodecError(f"unknown mix {cfg.mix!r}", f"use one of {', '.join(MIXES)}")
     torch.manual_seed(derive(seed, "init"))
     model = build_student(student, num_classes, image_size).to(cfg.device).train()
     opt, sched = make_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
@@ -114,11 +117,21 @@ def fit(student: str, num_classes: int, image_size: tuple[int, int], feed: Bundl
         for images, probs, hard in feed.epoch(e):
             t0 = time.perf_counter()
             x = augment(images.float(), g, mode)
-            if teacher is not None:
+            perm, kept = None, 1.0
+            if cfg.mix == "cutmix":
+                x, perm, kept = cutmix(x, g)
+            if teacher is not None:  # the teacher labels the mixed crop itself
                 with torch.no_grad():
                     probs = torch.softmax(teacher(x).float() / stored_temperature, -1)
+            elif perm is not None and soft:
+                probs = kept * probs.float() + (1 - kept) * probs.float()[perm.to(probs.device)]
             logits = model(normalize(x))
-            loss = soft_loss(logits, probs, temperature, stored_temperature) if soft else F.cross_entropy(logits, hard.long())
+            if soft:
+                loss = soft_loss(logits, probs, temperature, stored_temperature)
+            else:
+                loss = F.cross_entropy(logits, hard.long())
+                if perm is not None:
+                    loss = kept * loss + (1 - kept) * F.cross_entropy(logits, hard.long()[perm.to(hard.device)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
