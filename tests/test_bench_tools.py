@@ -161,9 +161,12 @@ def test_table_rows_name_non_default_settings():
     assert method_settings({"method": "d4m", "method_params": {"relabelled_from": "abc"}}) == ", relabelled"
     assert method_settings({"method": "d4m", "method_params": {}, "generator_params": {"strength": 0.4}}) == ", strength 0.4"
     t = tool("eval_table")
-    default = {"optimizer": "sgd", "lr": 0.01, "temperature": None, "augment": "crop", "mix": "none"}
+    default = {"optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4, "batch_size": 64, "temperature": None,
+               "augment": "crop", "mix": "none"}
     assert t.recipe(default) == "" and t.augmentation(default) == "crop"
-    assert t.recipe(default | {"optimizer": "adamw", "lr": 0.001, "temperature": 4.0}) == ", AdamW lr 0.001, T 4"
+    assert t.recipe(default | {"optimizer": "adamw", "lr": 0.001, "weight_decay": 0.01, "temperature": 4.0}) \
+        == ", AdamW lr 0.001, wd 0.01, T 4"
+    assert t.recipe(default | {"batch_size": 32}) == ", batch 32"
     assert t.augmentation(default | {"augment": "rrc", "mix": "cutmix"}) == "rrc+cutmix"
     assert t.augmentation({"augment": "rrc"}) == "rrc"  # reports from before --mix
 

@@ -45,10 +45,15 @@ def method_settings(b: dict[str, Any]) -> str:
 
 
 def recipe(t: dict[str, Any]) -> str:
-    """', AdamW lr 0.001, T 4' for a student recipe off the defaults (SGD lr 0.01, the labels' temperature); else ''."""
+    """', AdamW lr 0.001, wd 0.01, T 4' for a student recipe off the defaults (SGD lr 0.01, weight decay 5e-4, batch 64,
+    the labels' temperature); else ''."""
     out = ""
     if t.get("optimizer", "sgd") != "sgd" or t.get("lr", 0.01) != 0.01:
         out += f", {t.get('optimizer', 'sgd').replace('adamw', 'AdamW').replace('sgd', 'SGD')} lr {t['lr']:g}"
+    if t.get("weight_decay", 5e-4) != 5e-4:
+        out += f", wd {t['weight_decay']:g}"
+    if t.get("batch_size", 64) != 64:
+        out += f", batch {t['batch_size']}"
     if t.get("temperature"):
         out += f", T {t['temperature']:g}"
     return out
