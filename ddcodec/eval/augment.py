@@ -84,7 +84,6 @@ def normalize(x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tup
     return (x - m) / s
 
 
-
 MIXES = ("none", "cutmix")
 
 

@@ -33,8 +33,8 @@ def _config(args: argparse.Namespace) -> TrainConfig:
         raise DDCodecError(f"--batch-size must be at least 2, not {args.batch_size}")
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-                       augment=args.augment, mix=args.mix, temperature=args.temperature, labels=getattr(args, "labels", "hard"),
-                       device=args.device, eval_batch=args.eval_batch)
+                       augment=args.augment, mix=args.mix, temperature=args.temperature,
+                       labels=getattr(args, "labels", "hard"), device=args.device, eval_batch=args.eval_batch)
 
 
 def _seeds(args: argparse.Namespace) -> list[int]:
