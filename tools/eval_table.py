@@ -24,7 +24,7 @@ def human(n: float | None) -> str:
     return f"{n:.1f} GB"
 
 
-OPTIMIZERS = {"sgd": "SGD", "adam": "Adam"}
+OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 
 
 def method_settings(b: dict[str, Any]) -> str:
@@ -49,7 +49,7 @@ def recipe(t: dict[str, Any]) -> str:
     the labels' temperature); else ''."""
     out = ""
     if t.get("optimizer", "sgd") != "sgd" or t.get("lr", 0.01) != 0.01:
-        out += f", {t.get('optimizer', 'sgd').replace('adamw', 'AdamW').replace('sgd', 'SGD')} lr {t['lr']:g}"
+        out += f", {OPTIMIZERS[t.get('optimizer', 'sgd')]} lr {t['lr']:g}"
     if t.get("weight_decay", 5e-4) != 5e-4:
         out += f", wd {t['weight_decay']:g}"
     if t.get("batch_size", 64) != 64:

@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from eval_table import augmentation  # tools/ is on sys.path when this script runs
+
 W, H, LEFT, RIGHT, TOP, BOTTOM = 720, 420, 70, 200, 40, 55
 COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666", "#1f78b4")
 
@@ -22,8 +24,7 @@ def point(r: dict[str, Any]) -> tuple[str, float, float, float]:
     if r["kind"] == "bundle":
         b = r["bundle"]
         name = "ld3m-" + b["method_params"].get("loss", "") if b["method"] == "ld3m" else b["method"]
-        aug = r["train"].get("augment") or "crop"
-        aug += f"+{r['train']['mix']}" if r["train"].get("mix", "none") != "none" else ""
+        aug = augmentation(r["train"])
         aug = f" ({aug})" if aug != "crop" else ""
         return f"{name} bundle{aug}", float(b["bytes"]), 100 * r["mean"], 100 * r["std"]
     d = r["data"]
