@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from ddcodec.cli import main
 from ddcodec.errors import DDCodecError
+from ddcodec.eval.students import ConvNet
 from ddcodec.labels import teachers as T
 
 SHARED = Path(os.environ.get("DDCODEC_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
@@ -94,7 +95,8 @@ def test_missing_weights_say_where_and_what(tmp_path, monkeypatch):
     monkeypatch.setenv("DDCODEC_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     for name, hint in [("cifar10-resnet56", "shared/models"), ("cifar10-resnet20-ft", "ddcodec teacher finetune"),
-                       ("imagenette-efficientnet-lite0", "convert-efficientnet")]:
+                       ("imagenette-efficientnet-lite0", "convert-efficientnet"),
+                       ("cifar10-convnet3", "ddcodec teacher train cifar10-convnet3")]:
         with pytest.raises(DDCodecError) as e:
             T.load_teacher(name)
         msg = str(e.value)
@@ -187,6 +189,25 @@ def test_cli_finetune_writes_safetensors_with_metadata(tmp_path, capsys):
     assert main(["teacher", "finetune", "cifar10-resnet20", "--data", "sample:cifar10", "--epochs", "1",
                  "--out", str(out)]) == 2  # exists, no --overwrite
     assert "already exists" in capsys.readouterr().err
+
+
+@needs_shared
+def test_cli_train_from_random_weights(tmp_path, capsys):
+    out = tmp_path / "convnet3.safetensors"
+    assert main(["teacher", "train", "cifar10-convnet3", "--data", "sample:cifar10", "--epochs", "0.08",
+                 "--eval-limit", "100", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "before training" in text and "after training" in text
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["arch"] == "convnet3" and meta["base"] == "" and meta["steps"] == "2" and meta["lr"] == "0.02"
+    assert "trained from random weights" in meta["source"]
+    t = T.load_teacher("cifar10-convnet3", path=out)
+    assert isinstance(t.net, ConvNet) and t.image_size == 32
+    torch.manual_seed(0)  # the command's --seed: the same random start, which two SGD steps moved
+    start = T.build_teacher("cifar10-convnet3").net.state_dict()
+    assert start.keys() == t.net.state_dict().keys()
+    assert not torch.equal(start["classifier.weight"], t.net.classifier.weight)
 
 
 def test_cli_missing_teacher_weights_exit_2(tmp_path, monkeypatch, capsys):

