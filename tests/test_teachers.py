@@ -71,6 +71,15 @@ def test_finetuned_resnet56_is_shipped_and_accurate(sample_test):
     assert meta["base"] == "cifar10-resnet56" and float(meta["accuracy_after"]) > float(meta["accuracy_before"])
 
 
+def test_convnet3_teacher_is_shipped_and_accurate(sample_test):
+    t = T.load_teacher("cifar10-convnet3")
+    images, labels = sample_test
+    assert top1(t, images[::2], labels[::2]) > 0.65  # 77.13% on the full JPEG test split
+    with safe_open(str(T.find_weights("cifar10-convnet3")), "pt") as f:
+        meta = f.metadata()
+    assert meta["arch"] == "convnet3" and meta["base"] == "" and float(meta["accuracy_after"]) > 70
+
+
 @needs_shared
 def test_teacher_normalises_inside():
     t = T.load_teacher("cifar10-resnet20")
