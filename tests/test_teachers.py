@@ -217,6 +217,9 @@ def test_cli_train_from_random_weights(tmp_path, capsys):
     start = T.build_teacher("cifar10-convnet3").net.state_dict()
     assert start.keys() == t.net.state_dict().keys()
     assert not torch.equal(start["classifier.weight"], t.net.classifier.weight)
+    assert main(["teacher", "train", "cifar10-convnet3", "--data", "sample:cifar10", "--epochs", "1",
+                 "--weights", str(out), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "takes no --weights" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
 
 
 def test_cli_missing_teacher_weights_exit_2(tmp_path, monkeypatch, capsys):

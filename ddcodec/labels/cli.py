@@ -194,6 +194,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.epochs <= 0:
         raise DDCodecError(f"--epochs must be positive, not {args.epochs}")
     scratch = args.teacher_command == "train"
+    if scratch and args.weights:
+        raise DDCodecError("teacher train starts from random weights; it takes no --weights",
+                           f"use `ddcodec teacher finetune {args.name} --weights ...` to start from a file")
     ft = None if scratch else T.TEACHERS.get(f"{args.name}-ft")
     default = T.get_spec(args.name).filename if scratch else (ft.filename if ft else f"{args.name}_ft.safetensors")
     out = args.out or (T.teacher_cache() / default)
