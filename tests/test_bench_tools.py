@@ -156,8 +156,10 @@ def test_table_rows_name_non_default_settings():
     assert method_settings({"method": "rded", "method_params": {"factor": 1, "candidates": 300, "patches_per_class": 10,
                                                                 "crop_scale": [0.08, 1.0]}}) == ", factor 1"
     assert method_settings({"method": "rded", "method_params": {"factor": 1, "candidates": 10, "patches_per_class": 10,
-                                                                "crop_scale": [1.0, 1.0]}}) \
+                                                                "num_crops": 1, "crop_scale": [1.0, 1.0]}}) \
         == ", factor 1, no selection, whole images"
+    assert method_settings({"method": "rded", "method_params": {"factor": 2, "candidates": 40, "patches_per_class": 40,
+                                                                "num_crops": 5}}) == ""  # still picks 1 crop of 5
     assert method_settings({"method": "ld3m", "method_params": {"iterations": 50, "optimizer": "adam", "lr_z": 0.01}}) \
         == ", 50 iterations, Adam lr 0.01"
     assert method_settings({"method": "dace", "method_params": {"factor": 2}, "generator_params": {"rho": 0.4}}) \

@@ -30,15 +30,16 @@ OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 def method_settings(b: dict[str, Any]) -> str:
     """', 50 iterations, SGD lr 0.01' for an LD3M bundle (its optimisation settings differ between tables),
     ', factor 1' for patches at a factor other than the default 2 (', no selection' when every candidate image is
-    kept, ', whole images' for crops of the whole image), ', rho 0.4' / ', strength 0.4' for dace / d4m
+    kept with one crop, ', whole images' for crops of the whole image), ', rho 0.4' / ', strength 0.4' for dace / d4m
     at another noise level than their defaults (0.8 / 0.7), and ', relabelled' for labels given by `ddcodec relabel`; else ''."""
     p = b["method_params"]
     if b["method"] == "ld3m":
         out = f", {p['iterations']} iterations, {OPTIMIZERS[p['optimizer']]} lr {p['lr_z']:g}"
     else:
         out = f", factor {p['factor']}" if b["method"] in ("rded", "dace") and p.get("factor", 2) != 2 else ""
-        if b["method"] in ("rded", "dace") and p.get("candidates", 300) <= p.get("patches_per_class", 0):
-            out += ", no selection"  # every candidate image is kept: a random real subset, cut into patches
+        if (b["method"] in ("rded", "dace") and p.get("candidates", 300) <= p.get("patches_per_class", 0)
+                and p.get("num_crops", 5) == 1):
+            out += ", no selection"  # every candidate image is kept, one crop each: a random real subset
         if b["method"] in ("rded", "dace") and list(p.get("crop_scale", [0.08, 1.0])) == [1.0, 1.0]:
             out += ", whole images"
     gen = b.get("generator_params", {})
