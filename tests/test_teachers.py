@@ -220,6 +220,8 @@ def test_cli_train_from_random_weights(tmp_path, capsys):
     assert main(["teacher", "train", "cifar10-convnet3", "--data", "sample:cifar10", "--epochs", "1",
                  "--weights", str(out), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "takes no --weights" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    assert main(["teacher", "train", "cifar10-resnet20", "--data", "sample:cifar10", "--epochs", "1"]) == 2
+    assert "would shadow them" in capsys.readouterr().err  # no default file for a pretrained teacher's name
 
 
 def test_cli_missing_teacher_weights_exit_2(tmp_path, monkeypatch, capsys):
