@@ -197,11 +197,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if scratch and args.weights:
         raise DDCodecError("teacher train starts from random weights; it takes no --weights",
                            f"use `ddcodec teacher finetune {args.name} --weights ...` to start from a file")
-    if scratch and not args.out and not T.get_spec(args.name).how.startswith("run `ddcodec teacher train"):
+    spec = T.get_spec(args.name)
+    if scratch and not args.out and spec.how != T.TRAIN_HOW:
         raise DDCodecError(f"{args.name}'s weights come from elsewhere, and the default file would shadow them",
                            "pass --out PATH for a teacher trained from random weights")
     ft = None if scratch else T.TEACHERS.get(f"{args.name}-ft")
-    default = T.get_spec(args.name).filename if scratch else (ft.filename if ft else f"{args.name}_ft.safetensors")
+    default = spec.filename if scratch else (ft.filename if ft else f"{args.name}_ft.safetensors")
     out = args.out or (T.teacher_cache() / default)
     if os.path.exists(out) and not args.overwrite:
         raise DDCodecError(f"{out} already exists", "choose another --out or pass --overwrite")

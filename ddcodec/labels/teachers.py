@@ -204,7 +204,7 @@ class TeacherSpec:
 
 _SHARED_HOW = "put the file in ../shared/models or $DDCODEC_MODELS"
 _FT_HOW = "run `ddcodec teacher finetune {base} --data ../shared/datasets/cifar10.tar --out {cache}/{file}`"
-_TRAIN_HOW = "run `ddcodec teacher train {name} --data ../shared/datasets/cifar10.tar --epochs 15 --out {cache}/{file}`"
+TRAIN_HOW = "run `ddcodec teacher train {name} --data ../shared/datasets/cifar10.tar --epochs 15 --out {cache}/{file}`"
 TEACHERS: dict[str, TeacherSpec] = {
     "cifar10-resnet20": TeacherSpec("cifar10-resnet20", resnet20, "cifar10_resnet20.safetensors", "cifar10",
                                     CIFAR10_CLASSES, 32, how=_SHARED_HOW, arch="cifar-resnet20"),
@@ -215,7 +215,7 @@ TEACHERS: dict[str, TeacherSpec] = {
     "cifar10-resnet56-ft": TeacherSpec("cifar10-resnet56-ft", resnet56, "cifar10_resnet56_ft.safetensors", "cifar10",
                                        CIFAR10_CLASSES, 32, how=_FT_HOW, base="cifar10-resnet56", arch="cifar-resnet56"),
     "cifar10-convnet3": TeacherSpec("cifar10-convnet3", convnet3, "cifar10_convnet3.safetensors", "cifar10",
-                                    CIFAR10_CLASSES, 32, how=_TRAIN_HOW, arch="convnet3"),
+                                    CIFAR10_CLASSES, 32, how=TRAIN_HOW, arch="convnet3"),
     "imagenette-efficientnet-lite0": TeacherSpec(
         "imagenette-efficientnet-lite0", efficientnet_lite0, "imagenette_efficientnet_lite0.safetensors", "imagenette",
         IMAGENETTE_WNIDS, 224, LITE_MEAN, LITE_STD, how="run `ddcodec teacher convert-efficientnet`",
