@@ -35,13 +35,14 @@ def method_settings(b: dict[str, Any]) -> str:
     p = b["method_params"]
     if b["method"] == "ld3m":
         out = f", {p['iterations']} iterations, {OPTIMIZERS[p['optimizer']]} lr {p['lr_z']:g}"
-    else:
-        out = f", factor {p['factor']}" if b["method"] in ("rded", "dace") and p.get("factor", 2) != 2 else ""
-        if (b["method"] in ("rded", "dace") and p.get("candidates", 300) <= p.get("patches_per_class", 0)
-                and p.get("num_crops", 5) == 1):
+    elif b["method"] in ("rded", "dace"):
+        out = f", factor {p['factor']}" if p.get("factor", 2) != 2 else ""
+        if p.get("candidates", 300) <= p.get("patches_per_class", 0) and p.get("num_crops", 5) == 1:
             out += ", no selection"  # every candidate image is kept, one crop each: a random real subset
-        if b["method"] in ("rded", "dace") and list(p.get("crop_scale", [0.08, 1.0])) == [1.0, 1.0]:
+        if list(p.get("crop_scale", [0.08, 1.0])) == [1.0, 1.0]:
             out += ", whole images"
+    else:
+        out = ""
     gen = b.get("generator_params", {})
     if b["method"] == "dace" and gen.get("rho", 0.8) != 0.8:
         out += f", rho {gen['rho']:g}"
