@@ -110,6 +110,35 @@ def test_eval_cli_json(soft_bundle, cifar_folder, tmp_path):
     assert r["command"].startswith("ddcodec ")
 
 
+def test_eval_json_refuses_a_file_that_is_not_a_report(soft_bundle, cifar_folder, tmp_path, monkeypatch):
+    from test_bundle import assert_one_line_error, run_cli
+    import ddcodec.eval.train as train
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before checking --json")
+    monkeypatch.setattr(train, "eval_bundle", no_training)
+    monkeypatch.setattr(train, "eval_real", no_training)
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}\n')
+    for cmd in (["eval", str(soft_bundle.root), "--test-data", str(cifar_folder)],
+                ["eval-real", "--data", str(cifar_folder), "--ipc", "1"]):
+        r = run_cli(*cmd, "--epochs", "1", "--seeds", "1", "--json", str(notes))
+        assert_one_line_error(r, "is not a ddcodec eval report")
+        assert notes.read_text() == '{"mine": 1}\n'
+        assert_one_line_error(run_cli(*cmd, "--epochs", "1", "--json", str(tmp_path)), "is a directory")
+
+
+def test_eval_json_replaces_an_earlier_report(cifar_folder, tmp_path):
+    from ddcodec.cli import main
+    out = tmp_path / "real.json"
+    args = ["eval-real", "--data", str(cifar_folder), "--ipc", "1", "--student", "convnet3", "--epochs", "1",
+            "--seeds", "1", "--json", str(out)]
+    assert main(args) == 0
+    first = json.loads(out.read_text())
+    assert main([*args[:-3], "2", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["seeds"] == [0, 1] and first["seeds"] == [0]
+
+
 def test_eval_real_subset(cifar_folder, tmp_path):
     from ddcodec.cli import main
     out = tmp_path / "real.json"

@@ -37,6 +37,30 @@ def _config(args: argparse.Namespace) -> TrainConfig:
                        labels=getattr(args, "labels", "hard"), device=args.device, eval_batch=args.eval_batch)
 
 
+REPORT_KINDS = ("bundle", "real-full", "real-subset")
+
+
+def _check_report_path(path: str | None) -> None:
+    """Refuse, before any training, a --json path that holds something other than an earlier eval report."""
+    if not path:
+        return
+    import json
+    from pathlib import Path
+    p = Path(path)
+    if p.is_dir():
+        raise DDCodecError(f"--json {path} is a directory; give a file path")
+    if not p.exists():
+        return
+    try:
+        old = json.loads(p.read_text())
+        ours = isinstance(old, dict) and old.get("kind") in REPORT_KINDS and str(old.get("command", "")).startswith("ddcodec ")
+    except (OSError, UnicodeDecodeError, ValueError):
+        ours = False
+    if not ours:
+        raise DDCodecError(f"--json {path} exists and is not a ddcodec eval report; refusing to replace it "
+                           "(move it or pick another path)")
+
+
 def _seeds(args: argparse.Namespace) -> list[int]:
     return list(range(args.first_seed, args.first_seed + args.seeds))
 
@@ -66,6 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train import eval_bundle
     _threads(args.threads)
     cfg = _config(args)
+    _check_report_path(args.json)
     src = args.bundle[0] if len(args.bundle) == 1 else args.bundle
     report = eval_bundle(src, args.student, args.test_data, cfg, _seeds(args), test_split=args.test_split,
                          test_limit=args.test_limit, cache_dir=args.cache_dir, memory_cache=not args.no_memory_cache,
@@ -78,6 +103,7 @@ def cmd_eval_real(args: argparse.Namespace) -> int:
     from .train import eval_real
     _threads(args.threads)
     cfg = _config(args)
+    _check_report_path(args.json)
     report = eval_real(args.data, args.student, cfg, _seeds(args), ipc=args.ipc, subset_seed=args.subset_seed,
                        split=args.split, test_data=args.test_data, test_split=args.test_split,
                        test_limit=args.test_limit, image_size=args.image_size, command=command_line(args))
@@ -120,7 +146,8 @@ def _training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch", type=int, default=500)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", default=None, metavar="OUT", help="write the full report (every number) as JSON")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the full report (every number) as JSON; "
+                   "replaces only an earlier eval report")
 
 
 def register(subparsers: Any) -> None:
