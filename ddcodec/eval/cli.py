@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..errors import DDCodecError
 from .augment import MIXES, MODES
 from .students import STUDENTS
-from .train import LABEL_MODES, TrainConfig
+from .train import LABEL_MODES, REPORT_KINDS, TrainConfig
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -37,15 +39,10 @@ def _config(args: argparse.Namespace) -> TrainConfig:
                        labels=getattr(args, "labels", "hard"), device=args.device, eval_batch=args.eval_batch)
 
 
-REPORT_KINDS = ("bundle", "real-full", "real-subset")
-
-
 def _check_report_path(path: str | None) -> None:
     """Refuse, before any training, a --json path that holds something other than an earlier eval report."""
     if not path:
         return
-    import json
-    from pathlib import Path
     p = Path(path)
     if p.is_dir():
         raise DDCodecError(f"--json {path} is a directory; give a file path")

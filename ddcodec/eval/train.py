@@ -22,6 +22,7 @@ from .feeds import BundleFeed, TensorFeed, load_split, load_tensors
 from .students import build_student, count_parameters
 
 LABEL_MODES = ("auto", "soft", "hard")
+REPORT_KINDS = ("bundle", "real-full", "real-subset")  # the "kind" of eval_bundle's and eval_real's reports
 
 
 @dataclass
