@@ -83,6 +83,22 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
 
 
+def test_vae_from_keeps_that_vae_and_trains_only_the_denoiser(tmp_path):
+    quiet = dict(progress=False, log=lambda s: None)
+    train_prior(PriorConfig(image_size=16, **TINY), tiny_data(), tmp_path / "first", **quiet)
+    # the new prior's own VAE fields say otherwise: they are read from the source VAE
+    cfg = PriorConfig(image_size=16, **{**TINY, "vae_channels": [8, 8, 8], "vae_steps": 0, "decoder_steps": 0,
+                                        "unet_steps": 3}, vae_from=str(tmp_path / "first"))
+    record = train_prior(cfg, tiny_data(), tmp_path / "second", **quiet)
+    assert record["config"]["vae_channels"] == [16, 32] and record["latent_shape"] == [4, 8, 8]
+    a, b = states(tmp_path / "first"), states(tmp_path / "second")
+    vae = [k for k in a if k.startswith("vae.")]
+    assert vae and all(torch.equal(a[k], b[k]) for k in vae), "the source VAE is kept as it is"
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("unet."))
+    assert load_prior(str(tmp_path / "second")).scaling_factor == pytest.approx(load_prior(str(tmp_path / "first")).scaling_factor)
+    assert any(e.get("stage") == "vae" and e.get("step") == 0 and "holdout_psnr" in e for e in record["log"])
+
+
 def test_cli_train_and_eval(tmp_path, cifar_folder):
     if not R20.exists():
         pytest.skip("shared teacher weights not found")

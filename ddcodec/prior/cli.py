@@ -46,7 +46,10 @@ def register(subparsers: Any) -> None:
     t.add_argument("--unet-channels", type=_ints, default=d.unet_channels)
     t.add_argument("--unet-attention", type=_flags, default=d.unet_attention, help="attention per UNet level, e.g. 0,1,1")
     t.add_argument("--context-dim", type=int, default=d.context_dim, help="class token width (cross-attention dim)")
-    t.add_argument("--vae-steps", type=int, default=d.vae_steps)
+    t.add_argument("--vae-from", default=None, metavar="PRIOR",
+                   help="start from this prior's VAE (builtin:default, a directory or hub id); with no --vae-steps it "
+                        "is kept as it is and only the denoiser is trained")
+    t.add_argument("--vae-steps", type=int, default=None, help=f"VAE training steps (default {d.vae_steps}; 0 with --vae-from)")
     t.add_argument("--unet-steps", type=int, default=d.unet_steps)
     t.add_argument("--decoder-steps", type=int, default=d.decoder_steps,
                    help="finally fine-tune the VAE decoder alone on the frozen latents (sharper, same latent space)")
@@ -91,7 +94,7 @@ def register(subparsers: Any) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
-    from .config import PriorConfig
+    from .config import PriorConfig, with_vae_from
     from .data import load_images
     from .train import train_prior
     if args.threads:
@@ -106,12 +109,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = load_images(args.data, args.split, args.image_size, args.limit, args.seed)
     cfg = PriorConfig(image_size=int(data.images.shape[-1]), latent_channels=args.latent_channels,
                       vae_channels=args.vae_channels, unet_channels=args.unet_channels,
-                      unet_attention=args.unet_attention, context_dim=args.context_dim, vae_steps=args.vae_steps,
+                      unet_attention=args.unet_attention, context_dim=args.context_dim, vae_from=args.vae_from,
+                      vae_steps=args.vae_steps if args.vae_steps is not None else 0 if args.vae_from else PriorConfig.vae_steps,
                       unet_steps=args.unet_steps, decoder_steps=args.decoder_steps, decoder_lr=args.decoder_lr,
                       batch_size=args.batch_size, unet_batch_size=args.unet_batch_size,
                       vae_lr=args.vae_lr, unet_lr=args.unet_lr, feature_net=args.feature_net,
                       feature_weight=args.feature_weight, logit_weight=args.logit_weight,
                       holdout=min(args.holdout, len(data) // 2), bf16=args.bf16, seed=args.seed)
+    cfg = with_vae_from(cfg)
     c, h, w = cfg.latent_shape
     print(f"training a prior on {len(data)} images ({len(data.classes)} classes, {cfg.image_size} px); "
           f"latents {c}x{h}x{w}; {cfg.vae_steps} VAE + {cfg.unet_steps} denoiser steps", flush=True)

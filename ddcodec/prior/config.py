@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -41,6 +41,7 @@ class PriorConfig:
     kl_weight: float = 1e-6
     sample_posterior: bool = False  # decode the latent mean, as regeneration does (sampling blurs a short run)
     feature_net: str | None = None
+    vae_from: str | None = None  # start from this prior's VAE (builtin:default, a directory or hub id) instead of a new one
     feature_weight: float = 1.0
     logit_weight: float = 0.1
     cfg_dropout: float = 0.1
@@ -120,14 +121,33 @@ def build_scheduler() -> DDIMScheduler:
 
 
 def build_prior(cfg: PriorConfig, num_classes: int, source: str = "ddcodec:untrained") -> LatentPrior:
-    """Freshly initialised components, seeded by cfg.seed."""
+    """Freshly initialised components, seeded by cfg.seed; the VAE is cfg.vae_from's when that is set."""
     state = torch.random.get_rng_state()
     torch.manual_seed(cfg.seed)
     try:
         vae, unet, cond = build_vae(cfg), build_unet(cfg), build_conditioner(cfg, num_classes)
     finally:
         torch.random.set_rng_state(state)
+    if cfg.vae_from:
+        vae = source_vae(cfg.vae_from)
     return LatentPrior(vae, unet, build_scheduler(), cond, source=source, kind="class")
+
+
+def source_vae(source: str) -> AutoencoderKL:
+    """The VAE of an existing prior, in float32 and trainable."""
+    from ..generators.prior import load_prior
+    vae = load_prior(source).vae.to(torch.float32)
+    vae.register_to_config(scaling_factor=1.0)
+    return vae.train().requires_grad_(True)
+
+
+def with_vae_from(cfg: PriorConfig) -> PriorConfig:
+    """cfg with its VAE shape fields read from cfg.vae_from's VAE (they then describe the VAE the prior really has)."""
+    if not cfg.vae_from:
+        return cfg
+    c = source_vae(cfg.vae_from).config
+    return replace(cfg, vae_channels=list(c.block_out_channels), latent_channels=int(c.latent_channels),
+                   vae_layers=int(c.layers_per_block), vae_norm_groups=int(c.norm_num_groups))
 
 
 def parameter_counts(prior: LatentPrior) -> dict[str, int]:

@@ -24,7 +24,7 @@ from ..errors import DDCodecError
 from ..generators.prior import LatentPrior
 from .checkpoint import (find_checkpoint, load_checkpoint, load_optimizer_state, optimizer_state, remove_checkpoint,
                          save_checkpoint)
-from .config import PriorConfig, build_prior, parameter_counts
+from .config import PriorConfig, build_prior, parameter_counts, with_vae_from
 from .data import ImageSet, split_holdout
 from .perceptual import FeatureLoss, load_feature_net
 
@@ -337,6 +337,9 @@ class Trainer:
         """Train what is left, write the prior into `out`, remove the checkpoint; returns the training record."""
         if self.state.stage == "vae":
             self.train_vae()
+            if self.cfg.vae_steps == 0:  # a VAE taken as it is (--vae-from): record how it does on this data
+                self.state.log.append({"stage": "vae", "step": 0, **self.vae_holdout()})
+                self.say(f"VAE from {self.cfg.vae_from or 'initialisation'}: {self.state.log[-1]}")
             self.latents = self.encode_latents()
             self.set_scaling_factor(self.latents)
             self.state.stage, self.state.step = "unet", 0
@@ -407,6 +410,7 @@ def train_prior(cfg: PriorConfig, data: ImageSet, out: str | os.PathLike, checkp
                 progress: bool = True, save_dtype: torch.dtype = torch.float32,
                 log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict[str, Any] | None:
     """Train (or continue) a prior into `out`; returns its training record, or None when stopped by `stop_after`."""
+    cfg = with_vae_from(cfg)
     cfg.check()
     out = Path(out)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else out.with_name(out.name + ".ckpt")
