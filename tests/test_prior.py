@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddcodec.errors import DDCodecError
-from ddcodec.generators.prior import DEFAULT_PRIOR, load_prior
+from ddcodec.generators.prior import DEFAULT_PRIOR, SHIPPED_PRIORS, load_prior, resolve_source, trained_classes
 from ddcodec.prior.config import PriorConfig
 from ddcodec.prior.data import ImageSet
 from ddcodec.prior.evaluate import img2img
@@ -137,3 +137,38 @@ def test_default_prior_loads_and_decodes():
     z = prior.encode(x)
     assert z.shape == (20, 4, 16, 16)
     assert psnr(prior.decode(z), x) > 18
+
+
+V2 = SHIPPED_PRIORS["builtin:cifar10-v2"]
+
+
+@pytest.mark.skipif(not (V2 / "model_index.json").exists(), reason="builtin:cifar10-v2 not shipped")
+def test_cifar10_v2_shares_the_default_vae_and_keeps_its_name():
+    v1, v2 = load_prior("builtin:default"), load_prior("builtin:cifar10-v2")
+    assert v2.source == "builtin:cifar10-v2" and resolve_source("builtin:cifar10-v2") == str(V2)
+    size = sum(f.stat().st_size for f in V2.rglob("*") if f.is_file())
+    assert size <= 20 * 1024 * 1024
+    # same latent space, so a bundle's decode-only items look the same under either; only the denoiser was retrained
+    h1, h2 = v1.component_hashes(), v2.component_hashes()
+    assert h1["vae"] == h2["vae"] and h1["unet"] != h2["unet"]
+    assert v1.scaling_factor == pytest.approx(v2.scaling_factor, rel=1e-3)
+    assert trained_classes(v2) == trained_classes(v1)
+
+
+@pytest.mark.skipif(not (V2 / "model_index.json").exists(), reason="builtin:cifar10-v2 not shipped")
+def test_a_random_bundle_renders_the_same_under_either_shipped_prior(tmp_path):
+    """Decode-only bundles see only the VAE, so the random baseline is the same images under both priors."""
+    from ddcodec import DistilledDataset
+    from ddcodec.methods.random_subset import encode_random
+    images = {}
+    for name in ("builtin:default", "builtin:cifar10-v2"):
+        out = tmp_path / name.split(":")[1]
+        bundle = encode_random("sample:cifar10", 2, out, seed=0, generator=name)
+        assert bundle.manifest["generator"]["model"]["source"] == name
+        images[name] = DistilledDataset(str(out)).regenerate(torch.arange(20), 0)
+    assert torch.equal(images["builtin:default"], images["builtin:cifar10-v2"])
+
+
+def test_unknown_builtin_names_the_shipped_priors():
+    with pytest.raises(DDCodecError, match="builtin:cifar10-v2"):
+        load_prior("builtin:nope")

@@ -20,6 +20,9 @@ from .conditioning import ClassEmbedder
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_PRIOR = ASSETS / "prior-cifar10"
+# priors shipped in the package, by the name bundles record; a name keeps its weights for good, so a better prior
+# gets a new name and every bundle made with an older one still regenerates (docs/prior.md)
+SHIPPED_PRIORS = {"builtin:default": DEFAULT_PRIOR, "builtin:cifar10-v2": ASSETS / "prior-cifar10-v2"}
 
 
 @dataclass
@@ -172,14 +175,22 @@ def register_builtin(name: str, factory: Callable[..., LatentPrior]) -> None:
     BUILTINS[name] = factory
 
 
+def shipped_name(source: str) -> str | None:
+    """The builtin name of a prior shipped in the package ('default' is 'builtin:default'), or None."""
+    name = "builtin:default" if source == "default" else source
+    return name if name in SHIPPED_PRIORS else None
+
+
 def resolve_source(source: str) -> str:
-    """Map 'default' / 'builtin:default' to the shipped prior's path."""
-    if source in ("default", "builtin:default"):
-        if not (DEFAULT_PRIOR / "model_index.json").exists():
-            raise GeneratorError("the embedded default prior is not installed in this package",
-                                 "train one with 'ddcodec prior train' or pass --generator builtin:tiny")
-        return str(DEFAULT_PRIOR)
-    return source
+    """Map a shipped prior's name ('builtin:default', 'builtin:cifar10-v2') to its path in the package."""
+    name = shipped_name(source)
+    if name is None:
+        return source
+    path = SHIPPED_PRIORS[name]
+    if not (path / "model_index.json").exists():
+        raise GeneratorError(f"the embedded prior {name} is not installed in this package",
+                             "train one with 'ddcodec prior train' or pass --generator builtin:tiny")
+    return str(path)
 
 
 def trained_classes(prior: LatentPrior) -> list[str] | None:
@@ -210,16 +221,16 @@ def check_prior_classes(prior: LatentPrior, names: list[str]) -> None:
 def load_prior(source: str, revision: str | None = None, num_classes: int | None = None,
                local_files_only: bool | None = None) -> LatentPrior:
     """Load a prior from a builtin name, a local diffusers-layout directory, or a hub id (never remote code)."""
-    if source in ("default", "builtin:default"):
+    if shipped_name(source):
         prior = load_prior(resolve_source(source), revision, num_classes, local_files_only)
-        prior.source = "builtin:default"  # bundles name the shipped prior, not this machine's install path
+        prior.source = shipped_name(source)  # bundles name the shipped prior, not this machine's install path
         return prior
     if source.startswith("builtin:") and source not in BUILTINS:
         _import_builtin_modules()
     if source in BUILTINS:
         return BUILTINS[source](num_classes=num_classes or 10) if num_classes else BUILTINS[source]()
     if source.startswith("builtin:"):
-        raise GeneratorError(f"unknown builtin generator {source!r}", "choose one of " + ", ".join(sorted(BUILTINS)) + ", builtin:default")
+        raise GeneratorError(f"unknown builtin generator {source!r}", "choose one of " + ", ".join(sorted(BUILTINS) + sorted(SHIPPED_PRIORS)))
     path = Path(source)
     if path.exists():
         if not (path / "model_index.json").exists():
