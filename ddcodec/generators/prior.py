@@ -221,9 +221,10 @@ def check_prior_classes(prior: LatentPrior, names: list[str]) -> None:
 def load_prior(source: str, revision: str | None = None, num_classes: int | None = None,
                local_files_only: bool | None = None) -> LatentPrior:
     """Load a prior from a builtin name, a local diffusers-layout directory, or a hub id (never remote code)."""
-    if shipped_name(source):
-        prior = load_prior(resolve_source(source), revision, num_classes, local_files_only)
-        prior.source = shipped_name(source)  # bundles name the shipped prior, not this machine's install path
+    name = shipped_name(source)
+    if name:
+        prior = load_prior(resolve_source(name), revision, num_classes, local_files_only)
+        prior.source = name  # bundles name the shipped prior, not this machine's install path
         return prior
     if source.startswith("builtin:") and source not in BUILTINS:
         _import_builtin_modules()

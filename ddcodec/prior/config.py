@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -141,13 +142,17 @@ def source_vae(source: str) -> AutoencoderKL:
     return vae.train().requires_grad_(True)
 
 
+@functools.lru_cache(maxsize=8)
+def _vae_shape(source: str) -> dict[str, Any]:
+    """The shape fields of a prior's VAE (cached: the CLI and train_prior both ask before build_prior loads it)."""
+    c = source_vae(source).config
+    return {"vae_channels": list(c.block_out_channels), "latent_channels": int(c.latent_channels),
+            "vae_layers": int(c.layers_per_block), "vae_norm_groups": int(c.norm_num_groups)}
+
+
 def with_vae_from(cfg: PriorConfig) -> PriorConfig:
     """cfg with its VAE shape fields read from cfg.vae_from's VAE (they then describe the VAE the prior really has)."""
-    if not cfg.vae_from:
-        return cfg
-    c = source_vae(cfg.vae_from).config
-    return replace(cfg, vae_channels=list(c.block_out_channels), latent_channels=int(c.latent_channels),
-                   vae_layers=int(c.layers_per_block), vae_norm_groups=int(c.norm_num_groups))
+    return replace(cfg, **_vae_shape(cfg.vae_from)) if cfg.vae_from else cfg
 
 
 def parameter_counts(prior: LatentPrior) -> dict[str, int]:
