@@ -301,12 +301,28 @@ def test_relabel_changes_labels_only(bundles, tmp_path):
     assert all(torch.equal(soft.labels[k], v) for k, v in src.labels.items())
 
 
+def test_relabel_plans_more_variants_and_keeps_the_old_ones(bundles, tmp_path):
+    """Online labels store nothing per variant, so more can be planned later; the existing variants render the same."""
+    src = Bundle.open(bundles["d4m"])
+    assert relabel(bundles["d4m"], tmp_path / "v3", "--labels", "online", "--teacher", "cifar10-resnet56",
+                   "--variants", "3") == 0
+    v3 = Bundle.open(tmp_path / "v3")
+    assert src.variants == 2 and v3.variants == 3 and v3.manifest["method"]["params"]["variants"] == 3
+    old = [regenerate(bundles["d4m"], e) for e in range(2)]
+    new = [regenerate(tmp_path / "v3", e) for e in range(3)]
+    assert all(torch.equal(old[e][i], new[e][i]) for e in range(2) for i in old[e])
+    assert not torch.equal(new[2][0], new[0][0]) and not torch.equal(new[2][0], new[1][0])
+    assert main(["verify", str(tmp_path / "v3")]) == 0
+    assert relabel(tmp_path / "v3", tmp_path / "soft", "--variants", "3") == 0  # soft: each new variant labelled
+    assert Bundle.open(tmp_path / "soft").labels["topk_index"].shape[1] == 3
+
+
 def test_relabel_refuses_bad_input_and_keeps_the_bundle(bundles, tmp_path, capsys):
     shutil.copytree(bundles["rded"], tmp_path / "b")
     before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "b").iterdir())
     cases = [(["--labels", "hard"], "already exists"),
              (["--labels", "soft", "--teacher", "imagenette-efficientnet-lite0", "--overwrite"], "other classes"),
-             (["--variants", "3", "--overwrite"], "keeps the bundle's 1 variant"),
+             (["--variants", "0", "--overwrite"], "--variants must be at least 1"),
              (["--teacher", "no-such-teacher", "--overwrite"], "no-such-teacher")]
     for extra, message in cases:
         assert relabel(tmp_path / "b", tmp_path / "b", *extra) == 2

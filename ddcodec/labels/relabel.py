@@ -1,5 +1,5 @@
-"""`ddcodec relabel`: give an existing bundle new labels (another teacher, online, soft or hard) without encoding
-it again; the codes, seeds and regenerated images stay exactly the same.
+"""`ddcodec relabel`: give an existing bundle new labels (another teacher, online, soft or hard) or another number
+of variants without encoding it again; the codes, seeds and each variant's regenerated images stay exactly the same.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from dataclasses import replace
 from typing import Any
 
 from ..bundle import Bundle, write_bundle
-from ..errors import DDCodecError
 from . import softlabels
 
 LABEL_KEYS = ("labels", "teacher", "temperature", "soft_k", "soft_quant")
@@ -17,14 +16,13 @@ LABEL_KEYS = ("labels", "teacher", "temperature", "soft_k", "soft_quant")
 
 def relabel(bundle: Bundle, opts: softlabels.LabelOptions,
             device: str = "cpu") -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """The bundle's manifest and payloads with its labels replaced by `opts` (same items, same variants)."""
-    if opts.variants != bundle.variants:
-        raise DDCodecError(f"relabel keeps the bundle's {bundle.variants} variant(s), not {opts.variants}",
-                           "encode again to plan a different number of variants")
+    """The bundle's manifest and payloads with its labels replaced by `opts` (same items, `opts.variants` variants)."""
     if opts.kind != "hard":
         opts = replace(opts, teacher=softlabels.resolve_teacher(opts.teacher, _raw_classes(bundle)))
     manifest = {k: v for k, v in bundle.manifest.items() if k not in ("fingerprints", "manifest_sha256")}
     manifest["payloads"] = {}
+    # a variant's images are a pure function of (seed, item, variant), so planning more or fewer keeps the others
+    manifest["variants"] = opts.variants
     old = bundle.manifest["labels"]
     payloads = {name: t for name, t in bundle.payloads.items() if name not in ("reference", old.get("payload"))}
     params = {k: v for k, v in manifest["method"]["params"].items() if k not in LABEL_KEYS}
@@ -66,7 +64,7 @@ def cmd_relabel(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add `ddcodec relabel` to the main CLI."""
-    p = subparsers.add_parser("relabel", help="replace a bundle's labels (teacher, soft, online or hard); images unchanged")
+    p = subparsers.add_parser("relabel", help="replace a bundle's labels (teacher, soft, online or hard) or its variant count; images unchanged")
     p.add_argument("bundle", nargs="+", help="bundle directory or shard URL(s)")
     p.add_argument("--out", required=True, help="bundle directory to write (may be the input with --overwrite)")
     p.add_argument("--overwrite", action="store_true")
