@@ -69,5 +69,5 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="bundle directory to write (may be the input with --overwrite)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    softlabels.add_arguments(p)
+    softlabels.add_arguments(p, variants_default="the bundle's")
     p.set_defaults(func=cmd_relabel)

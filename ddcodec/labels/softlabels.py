@@ -41,7 +41,7 @@ class LabelOptions:
         return rec
 
 
-def add_arguments(group: Any) -> None:
+def add_arguments(group: Any, variants_default: str = "d4m 10, dace 50, rded and ld3m 1") -> None:
     """The label options shared by the producers that use a teacher (all default None)."""
     group.add_argument("--labels", choices=KINDS, default=None,
                        help="soft (default): teacher top-k per (item, variant); hard: class ids only; "
@@ -50,7 +50,7 @@ def add_arguments(group: Any) -> None:
     group.add_argument("--soft-k", type=int, default=None, help="soft labels: probabilities kept per label (default 5)")
     group.add_argument("--soft-quant", choices=QUANT, default=None, help="soft labels: int8 (default) or fp16")
     group.add_argument("--temperature", type=float, default=None, help="teacher softmax temperature (default 1)")
-    group.add_argument("--variants", type=int, default=None, help="planned epochs: distinct regenerations per item, each labelled (default d4m 10, dace 50, rded 1)")
+    group.add_argument("--variants", type=int, default=None, help=f"planned epochs: distinct regenerations per item, each labelled (default {variants_default})")
     group.add_argument("--device", default=None, help="device for encoding, teacher and labelling (default cpu)")
 
 
