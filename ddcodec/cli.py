@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ipc", type=int, required=True, help="items per class")
     e.add_argument("--out", required=True, help="bundle directory to write")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--generator", default="builtin:default", help="prior: builtin:default, builtin:cifar10-v2 (same VAE, longer-trained denoiser), builtin:tiny, a path or hub id")
+    e.add_argument("--generator", default="builtin:default", help="prior: builtin:default, builtin:cifar10-v2 (same VAE, longer-trained denoiser), "
+                   "builtin:imagenette-64 (same VAE, a denoiser for Imagenette at 64 px), builtin:tiny, a path or hub id")
     e.add_argument("--image-size", type=int, default=None, help="square output size (default: the data's)")
     e.add_argument("--micro-batch", type=int, default=16, help="fixed regeneration micro-batch (bitwise determinism on CPU)")
     e.add_argument("--encode-batch-size", type=int, default=64,

@@ -86,7 +86,7 @@ def test_png_bytes_grow_with_content():
 
 
 @pytest.mark.parametrize("extra", [[], ["--image-size", "64", "--test-split", "val", "--ld3m-steps", "4",
-                                         "--ld3m-lr", "0.1", "--ld3m-optimizer", "adam"]])
+                                         "--ld3m-lr", "0.1", "--ld3m-optimizer", "adam", "--generator", "builtin:cifar10-v2"]])
 def test_results_table_commands_parse_with_the_cli(extra):
     """Every encode/eval command the results runner builds is accepted by ddcodec's own parser, with its options."""
     from ddcodec.cli import build_parser
@@ -98,6 +98,8 @@ def test_results_table_commands_parse_with_the_cli(extra):
         if enc is not None:
             ns = cli.parse_args(["encode", *enc, "--out", "b"])
             assert ns.image_size == (64 if extra else None)
+            if row in ("d4m", "dace", "ld3m-dm", "ld3m-dc"):
+                assert ns.generator == ("builtin:cifar10-v2" if extra else "builtin:default")
             if row in ("ld3m-dm", "ld3m-dc"):
                 assert ns.steps == (4 if extra else None)
                 assert (ns.lr_z, ns.lr_c, ns.ld3m_optimizer) == ((0.1, 0.1, "adam") if extra else (None, None, None))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ddcodec.errors import DDCodecError
-from ddcodec.generators.prior import DEFAULT_PRIOR, SHIPPED_PRIORS, load_prior, resolve_source, trained_classes
+from ddcodec.generators.prior import (DEFAULT_PRIOR, SHIPPED_PRIORS, load_prior, resolve_source, trained_classes,
+                                      trained_size)
 from ddcodec.prior.config import PriorConfig
 from ddcodec.prior.data import ImageSet
 from ddcodec.prior.evaluate import img2img
@@ -104,7 +105,7 @@ def test_cli_train_and_eval(tmp_path, cifar_folder):
         pytest.skip("shared teacher weights not found")
     from ddcodec.cli import main
     out = tmp_path / "prior"
-    args = ["prior", "train", "--data", str(cifar_folder), "--out", str(out), "--vae-channels", "16,32",
+    args = ["prior", "train", "--data", str(cifar_folder), "--out", str(out), "--image-size", "16", "--vae-channels", "16,32",
             "--unet-channels", "32,32", "--unet-attention", "0,1", "--context-dim", "32", "--vae-steps", "2",
             "--unet-steps", "1", "--batch-size", "4", "--unet-batch-size", "4", "--holdout", "10",
             "--feature-net", "cifar10-resnet20", "--save-dtype", "float16"]
@@ -116,6 +117,7 @@ def test_cli_train_and_eval(tmp_path, cifar_folder):
                  "--steps", "2", "--samples-per-class", "1", "--guidance", "1,2", "--json", str(res)]) == 0
     r = json.loads(res.read_text())
     assert r["n_images"] == 10 and set(r["acc_samples"]) == {"1.0", "2.0"} and r["vae_psnr_db"] > 0
+    assert trained_size(load_prior(str(out))) == 16 and r["image_size"] == 16, "eval resizes the 32 px data to the prior's size"
     assert main(["prior", "eval", str(out), "--data", str(cifar_folder), "--split", "holdout", "--teacher",
                  "cifar10-resnet20", "--steps", "2", "--samples-per-class", "0"]) == 0
 

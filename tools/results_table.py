@@ -32,6 +32,7 @@ def encode_args(row: str, a: argparse.Namespace) -> list[str] | None:
     common = ["--data", a.data, "--ipc", str(a.ipc), "--seed", "0", *size_args(a)]
     teacher = ["--teacher", a.teacher]
     pick = ["--candidates", str(a.candidates)] if a.candidates else []
+    prior = ["--generator", a.generator] if a.generator else []
     row = BUNDLE_OF.get(row, row)
     ld3m = ["--iterations", str(a.ld3m_iterations), "--batch-real", str(a.batch_real), "--candidates", str(a.ld3m_candidates),
             *(["--steps", str(a.ld3m_steps)] if a.ld3m_steps else []),
@@ -40,10 +41,10 @@ def encode_args(row: str, a: argparse.Namespace) -> list[str] | None:
     return {
         "random": ["--method", "random", *common],
         "rded": ["--method", "rded", *common, "--labels", "online", *teacher, *pick],
-        "dace": ["--method", "dace", *common, *teacher, "--variants", str(a.variants), *pick],
-        "d4m": ["--method", "d4m", *common, *teacher, "--variants", str(a.variants), "--steps", str(a.d4m_steps)],
-        "ld3m-dm": ["--method", "ld3m", *common, "--ld3m-loss", "dm", *ld3m],
-        "ld3m-dc": ["--method", "ld3m", *common, "--ld3m-loss", "dc", *ld3m],
+        "dace": ["--method", "dace", *common, *prior, *teacher, "--variants", str(a.variants), *pick],
+        "d4m": ["--method", "d4m", *common, *prior, *teacher, "--variants", str(a.variants), "--steps", str(a.d4m_steps)],
+        "ld3m-dm": ["--method", "ld3m", *common, "--ld3m-loss", "dm", *prior, *ld3m],
+        "ld3m-dc": ["--method", "ld3m", *common, "--ld3m-loss", "dc", *prior, *ld3m],
     }.get(row)
 
 
@@ -85,6 +86,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ipc", type=int, required=True)
     p.add_argument("--student", default="convnet3")
     p.add_argument("--teacher", default="cifar10-resnet56-ft")
+    p.add_argument("--generator", default=None, metavar="PRIOR",
+                   help="prior of the d4m, dace and ld3m encodes (default: the encoder's, builtin:default)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--full-epochs", type=int, default=1, help="epochs of the full-data row")

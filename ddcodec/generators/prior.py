@@ -22,7 +22,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_PRIOR = ASSETS / "prior-cifar10"
 # priors shipped in the package, by the name bundles record; a name keeps its weights for good, so a better prior
 # gets a new name and every bundle made with an older one still regenerates (docs/prior.md)
-SHIPPED_PRIORS = {"builtin:default": DEFAULT_PRIOR, "builtin:cifar10-v2": ASSETS / "prior-cifar10-v2"}
+SHIPPED_PRIORS = {"builtin:default": DEFAULT_PRIOR, "builtin:cifar10-v2": ASSETS / "prior-cifar10-v2",
+                  "builtin:imagenette-64": ASSETS / "prior-imagenette-64"}
 
 
 @dataclass
@@ -193,12 +194,29 @@ def resolve_source(source: str) -> str:
     return str(path)
 
 
+def training_record(prior: LatentPrior) -> dict[str, Any]:
+    """The training.json that `ddcodec prior train` wrote beside the prior ({} when there is none)."""
+    try:
+        path = Path(resolve_source(prior.source)) / "training.json"
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError, GeneratorError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def trained_classes(prior: LatentPrior) -> list[str] | None:
     """The class names a class-conditional prior was trained on, when its directory's training.json records them."""
     try:
-        path = Path(resolve_source(prior.source)) / "training.json"
-        return list(json.loads(path.read_text())["classes"]) if path.is_file() else None
-    except (OSError, ValueError, KeyError, TypeError, GeneratorError):
+        return list(training_record(prior)["classes"])
+    except (KeyError, TypeError):
+        return None
+
+
+def trained_size(prior: LatentPrior) -> int | None:
+    """The square image size a prior was trained at, when its training.json records it."""
+    try:
+        return int(training_record(prior)["config"]["image_size"])
+    except (KeyError, TypeError, ValueError):
         return None
 
 

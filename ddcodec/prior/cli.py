@@ -80,6 +80,8 @@ def register(subparsers: Any) -> None:
     e.add_argument("--split", default="test", help="test, or 'holdout' for the train images the prior kept out")
     e.add_argument("--teacher", default="cifar10-resnet56", help="registered teacher name")
     e.add_argument("--limit", type=int, default=1000, help="seeded class-balanced subset size (0 = all)")
+    e.add_argument("--image-size", type=int, default=None,
+                   help="resize the data to this square size (default: the size the prior was trained at)")
     e.add_argument("--rho", type=float, default=0.5, help="img2img strength")
     e.add_argument("--steps", type=int, default=10, help="scheduler steps of the full schedule")
     e.add_argument("--guidance", type=_floats, default=[3.0], help="classifier-free guidance for pure samples (comma list)")
@@ -133,22 +135,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
-    from ..generators.prior import load_prior
+    from ..generators.prior import load_prior, trained_size, training_record
     from ..labels.teachers import load_teacher
     from .data import balanced_subset, load_images
     from .evaluate import evaluate
     if args.threads:
         torch.set_num_threads(args.threads)
     prior = load_prior(args.prior)
+    size = args.image_size or trained_size(prior)
     if args.split == "holdout":
-        info = Path(prior.source) / "training.json"
-        if not info.is_file():
+        held = training_record(prior).get("holdout_indices")
+        if not held:
             raise DDCodecError(f"{args.prior} has no training.json with held-out indices", "use --split test")
-        held = json.loads(info.read_text())["holdout_indices"]
-        full = load_images(args.data, "train")
-        data = full.subset(held)
+        data = load_images(args.data, "train", size).subset(held)
     else:
-        data = load_images(args.data, args.split)
+        data = load_images(args.data, args.split, size)
     if args.limit and args.limit < len(data):
         data = data.subset(balanced_subset(data.labels, args.limit, args.seed))
     teacher = load_teacher(args.teacher)

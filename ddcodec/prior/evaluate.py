@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from ..generators.pipelines import Img2ImgPipeline
 from ..generators.prior import LatentPrior
+from ..labels.softlabels import teacher_logits
 from .data import ImageSet
 from .train import psnr
 
@@ -33,10 +34,10 @@ def run(pipe: Img2ImgPipeline, n: int, desc: str, progress: bool, chunk: int = 2
 
 @torch.no_grad()
 def accuracy(teacher: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 500) -> float:
-    """Top-1 accuracy of `teacher` on [0,1] images."""
+    """Top-1 accuracy of `teacher` on [0,1] images (resized to its input size when it has one)."""
     correct = 0
     for s in range(0, len(images), batch):
-        correct += (teacher(images[s:s + batch]).argmax(1) == labels[s:s + batch]).sum().item()
+        correct += (teacher_logits(teacher, images[s:s + batch]).argmax(1) == labels[s:s + batch]).sum().item()
     return correct / max(1, len(images))
 
 
@@ -69,6 +70,6 @@ def evaluate(prior: LatentPrior, data: ImageSet, teacher: torch.nn.Module, rho: 
                           len(ids), f"sampling (guidance {g})", progress)
             res["acc_samples"][str(g)] = accuracy(teacher, samples, ids)
             res[f"seconds_samples_{g}"] = round(time.time() - t0, 1)
-    res.update({"n_images": len(data), "samples_per_class": samples_per_class, "rho": rho, "steps": steps,
+    res.update({"n_images": len(data), "image_size": size, "samples_per_class": samples_per_class, "rho": rho, "steps": steps,
                 "guidance_samples": list(guidance), "guidance_img2img": img2img_guidance, "seed": seed})
     return res
