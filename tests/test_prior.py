@@ -171,6 +171,28 @@ def test_a_random_bundle_renders_the_same_under_either_shipped_prior(tmp_path):
     assert torch.equal(images["builtin:default"], images["builtin:cifar10-v2"])
 
 
+IN64 = SHIPPED_PRIORS["builtin:imagenette-64"]
+
+
+@pytest.mark.skipif(not (IN64 / "model_index.json").exists(), reason="builtin:imagenette-64 not shipped")
+def test_imagenette_64_shares_the_default_vae_and_draws_imagenette_classes():
+    from ddcodec.generators.prior import check_prior_classes
+    base, prior = load_prior("builtin:default"), load_prior("builtin:imagenette-64")
+    assert sum(f.stat().st_size for f in IN64.rglob("*") if f.is_file()) <= 12 * 1024 * 1024  # its denoiser is float16
+    assert all(p.dtype == torch.float32 for m in prior.modules().values() for p in m.parameters())  # runs in float32
+    assert base.component_hashes()["vae"] == prior.component_hashes()["vae"]
+    assert trained_size(prior) == 64
+    names = trained_classes(prior)
+    assert len(names) == 10 and names[0] == "n01440764"
+    check_prior_classes(prior, ["tench", "English springer", "cassette player", "chain saw", "church", "French horn",
+                                "garbage truck", "gas pump", "golf ball", "parachute"])
+    with pytest.raises(DDCodecError, match="classes it was trained on"):
+        check_prior_classes(prior, trained_classes(base))
+    ids = torch.tensor([0, 9])
+    out = img2img(prior, {"class_ids": ids}, 10, 64, 1.0, 2, 4.0, 0, 2)([0, 1], 0)
+    assert out.shape == (2, 3, 64, 64) and torch.isfinite(out).all()
+
+
 def test_unknown_builtin_names_the_shipped_priors():
     with pytest.raises(DDCodecError, match="builtin:cifar10-v2"):
         load_prior("builtin:nope")
