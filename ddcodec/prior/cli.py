@@ -146,7 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         held = training_record(prior).get("holdout_indices")
         if not held:
             raise DDCodecError(f"{args.prior} has no training.json with held-out indices", "use --split test")
-        data = load_images(args.data, "train", size).subset(held)
+        data = load_images(args.data, "train", size, indices=held)  # decode only the held-out images
     else:
         data = load_images(args.data, args.split, size)
     if args.limit and args.limit < len(data):
