@@ -240,6 +240,14 @@ def test_missing_model_is_a_one_line_error(data, tmp_path, capsys):
     assert rc == 2 and "has no model_index.json" in err and "\n" not in err
 
 
+def test_missing_generator_directory_is_a_one_line_error(data, tmp_path, capsys):
+    rc = main(["encode", "--method", "d4m", "--data", data[0], "--out", str(tmp_path / "x"),
+               "--generator", str(tmp_path / "nowhere"), "--ipc", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and f"{tmp_path / 'nowhere'}: no such directory" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()
+
+
 def test_changed_arguments_do_not_reuse_partial_work(data, tmp_path):
     WorkDir(tmp_path / "x", {"something": "else"})
     with pytest.raises(DDCodecError, match="different parameters"):

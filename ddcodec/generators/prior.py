@@ -251,6 +251,8 @@ def load_prior(source: str, revision: str | None = None, num_classes: int | None
     if source.startswith("builtin:"):
         raise GeneratorError(f"unknown builtin generator {source!r}", "choose one of " + ", ".join(sorted(BUILTINS) + sorted(SHIPPED_PRIORS)))
     path = Path(source)
+    if not path.exists() and _looks_like_path(source):
+        raise GeneratorError(f"{source}: no such directory", "point --generator at a diffusers model directory, a builtin: name or a hub id")
     if path.exists():
         if not (path / "model_index.json").exists():
             raise GeneratorError(f"{source} has no model_index.json", "point --generator at a diffusers model directory")
@@ -263,6 +265,11 @@ def load_prior(source: str, revision: str | None = None, num_classes: int | None
         from .loading import load_text_prior
         return load_text_prior(source, revision, index, local_files_only)
     raise GeneratorError(f"{source} has neither a conditioner nor a text encoder", "use a Stable Diffusion-style or ddcodec prior")
+
+
+def _looks_like_path(source: str) -> bool:
+    """Whether a generator source is meant as a local path rather than a hub id ("owner/name")."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
 
 
 def _import_builtin_modules() -> None:
