@@ -370,7 +370,8 @@ class Trainer:
                 "parameters": parameter_counts(self.prior), "scaling_factor": self.state.scaling_factor,
                 "latent_shape": [lc, lh, lw], "latent_values": lc * lh * lw,
                 "pixel_values": 3 * c.image_size * c.image_size, "log": self.state.log,
-                "torch": torch.__version__, "threads": torch.get_num_threads()}
+                "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "saved_dtype": str(self.save_dtype).removeprefix("torch.")}
 
     def write_prior(self, record: dict[str, Any]) -> None:
         """EMA denoiser weights into a copy of the prior, saved to a temp dir and then swapped into `out`."""
