@@ -136,21 +136,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from ..generators.prior import load_prior, trained_size, training_record
     from ..labels.teachers import load_teacher
-    from .data import balanced_subset, load_images
+    from .data import load_images
     from .evaluate import evaluate
     if args.threads:
         torch.set_num_threads(args.threads)
     prior = load_prior(args.prior)
     size = args.image_size or trained_size(prior)
+    held = None
     if args.split == "holdout":
         held = training_record(prior).get("holdout_indices")
         if not held:
             raise DDCodecError(f"{args.prior} has no training.json with held-out indices", "use --split test")
-        data = load_images(args.data, "train", size, indices=held)  # decode only the held-out images
-    else:
-        data = load_images(args.data, args.split, size)
-    if args.limit and args.limit < len(data):
-        data = data.subset(balanced_subset(data.labels, args.limit, args.seed))
+    # decode only the images evaluated: the held-out ones, then the class-balanced --limit of them
+    data = load_images(args.data, "train" if held else args.split, size, limit=args.limit or None, seed=args.seed,
+                       indices=held)
     teacher = load_teacher(args.teacher)
     res = evaluate(prior, data, teacher, rho=args.rho, steps=args.steps, guidance=tuple(args.guidance),
                    img2img_guidance=args.img2img_guidance, samples_per_class=args.samples_per_class, seed=args.seed,

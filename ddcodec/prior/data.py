@@ -21,10 +21,6 @@ class ImageSet:
     labels: torch.Tensor
     classes: list[str]
 
-    def subset(self, idx: torch.Tensor | list[int]) -> "ImageSet":
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        return ImageSet(self.images[idx], self.labels[idx], self.classes)
-
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -35,15 +31,16 @@ def _collate(batch: list) -> tuple[list[torch.Tensor], list[int]]:
 
 def load_images(spec: str, split: str, image_size: int | None = None, limit: int | None = None,
                 seed: int = 0, desc: str = "loading images", indices: list[int] | None = None) -> ImageSet:
-    """Every image of `spec`/`split` (or those at `indices`, else a seeded class-balanced `limit`), resized to `image_size`."""
+    """The images of `spec`/`split` (all, or those at `indices`; then a seeded class-balanced `limit` of them), resized."""
     source = load_source(spec, split)
     classes = list(getattr(source, "classes", []))
     if not classes or len(source) == 0:
         raise DDCodecError(f"{spec} ({split}) holds no labelled images", "check --data and --split")
     if indices is None:
         indices = list(range(len(source)))
-        if limit is not None and limit < len(source):
-            indices = balanced_subset(torch.tensor(_targets(source)), limit, seed).tolist()
+    if limit is not None and limit < len(indices):
+        targets = _targets(source)
+        indices = [indices[i] for i in balanced_subset(torch.tensor([targets[i] for i in indices]), limit, seed).tolist()]
     loader = DataLoader(torch.utils.data.Subset(source, indices), batch_size=256, collate_fn=_collate)
     images, labels = [], []
     for imgs, labs in tqdm(loader, desc=desc, unit="batch", leave=False):
