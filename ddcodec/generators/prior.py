@@ -251,12 +251,12 @@ def load_prior(source: str, revision: str | None = None, num_classes: int | None
     if source.startswith("builtin:"):
         raise GeneratorError(f"unknown builtin generator {source!r}", "choose one of " + ", ".join(sorted(BUILTINS) + sorted(SHIPPED_PRIORS)))
     path = Path(source)
-    if not path.exists() and _looks_like_path(source):
-        raise GeneratorError(f"{source}: no such directory", "point --generator at a diffusers model directory, a builtin: name or a hub id")
     if path.exists():
         if not (path / "model_index.json").exists():
             raise GeneratorError(f"{source} has no model_index.json", "point --generator at a diffusers model directory")
         local_files_only = True
+    elif _looks_like_path(source):
+        raise GeneratorError(f"{source}: no such directory", "point --generator at a diffusers model directory, a builtin: name or a hub id")
     index = _read_index(source, revision, local_files_only)
     if "conditioner" in index:
         from .loading import load_class_prior
