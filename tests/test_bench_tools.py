@@ -151,7 +151,7 @@ def test_results_table_records_how_a_reused_bundle_was_made(tmp_path, monkeypatc
 
 def test_table_rows_name_non_default_settings():
     """A row says what sets its bundle apart from the table's others: LD3M's optimiser, a patch factor other than 2,
-    DACE's noise level, a d4m/dace variant count other than the tables' 5, relabelled labels."""
+    DACE's noise level, d4m's medoids, a d4m/dace variant count other than the tables' 5, relabelled labels."""
     method_settings = tool("eval_table").method_settings
     assert method_settings({"method": "rded", "method_params": {"factor": 1}}) == ", factor 1"
     assert method_settings({"method": "dace", "method_params": {"factor": 2}}) == ""
@@ -170,6 +170,8 @@ def test_table_rows_name_non_default_settings():
     assert method_settings({"method": "d4m", "method_params": {"relabelled_from": "abc"}}) == ", relabelled"
     assert method_settings({"method": "d4m", "method_params": {}, "generator_params": {"strength": 0.4}}) == ", strength 0.4"
     assert method_settings({"method": "d4m", "method_params": {}, "variants": 40}) == ", 40 variants"
+    assert method_settings({"method": "d4m", "method_params": {"prototype": "medoid"}}) == ", medoids"
+    assert method_settings({"method": "d4m", "method_params": {"prototype": "centroid"}}) == ""
     assert method_settings({"method": "dace", "method_params": {}, "variants": 5}) == ""
     assert method_settings({"method": "ld3m", "method_params": {"iterations": 50, "optimizer": "adam", "lr_z": 0.01},
                             "variants": 1}) == ", 50 iterations, Adam lr 0.01"

@@ -202,6 +202,33 @@ def test_dace_mixup_partner_is_same_class_and_seeded(bundles):
     assert pipe.mixup_draws(ids, 4)[0] != partners
 
 
+def test_kmeans_medoids_are_real_latents_of_their_clusters():
+    """--prototype medoid: each prototype is the latent nearest its k-means centre, from that centre's cluster."""
+    from ddcodec.methods.d4m import kmeans_prototypes
+    g = torch.Generator().manual_seed(0)
+    latents = torch.cat([torch.randn(30, 4, 2, 2, generator=g) + 4 * m for m in range(3)])  # 3 separated blobs
+    centres, sizes = kmeans_prototypes(latents, 3, seed=1, batch_size=16)
+    medoids, msizes = kmeans_prototypes(latents, 3, seed=1, batch_size=16, medoid=True)
+    assert torch.equal(sizes, msizes) and sizes.sum() == 90
+    flat, cflat = latents.reshape(90, -1), centres.reshape(3, -1).double()
+    for m, c in zip(medoids.reshape(3, -1), cflat):
+        row = int((flat == m).all(1).nonzero())  # a stored latent, bit for bit
+        nearest = torch.cdist(cflat, flat.double()).argmin(0)  # each latent's centre
+        members = (nearest == int((cflat == c).all(1).nonzero())).nonzero().flatten()
+        assert row in members.tolist()
+        assert row == int(members[(flat[members].double() - c).norm(dim=1).argmin()])
+    assert not torch.equal(medoids, centres)
+
+
+def test_medoid_prototypes_are_recorded_and_replace_the_centres(bundles, data, tmp_path):
+    """`--prototype medoid`: the same clusters as the centroid bundle, other latents, recorded in the manifest."""
+    assert encode("d4m", data[0], tmp_path / "m", "--prototype", "medoid") == 0
+    centroid, medoid = Bundle.open(bundles["d4m"]), Bundle.open(tmp_path / "m")
+    assert centroid.manifest["method"]["params"]["prototype"] == "centroid" and medoid.manifest["method"]["params"]["prototype"] == "medoid"
+    assert medoid.manifest["method"]["params"]["cluster_sizes"] == centroid.manifest["method"]["params"]["cluster_sizes"]
+    assert not torch.equal(medoid.items["latents"], centroid.items["latents"])
+
+
 def test_crop_box_and_stitch():
     g = torch.Generator().manual_seed(0)
     for _ in range(50):

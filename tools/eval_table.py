@@ -32,7 +32,7 @@ def method_settings(b: dict[str, Any]) -> str:
     """', 50 iterations, SGD lr 0.01' for an LD3M bundle (its optimisation settings differ between tables),
     ', factor 1' for patches at a factor other than the default 2 (', no selection' when every candidate image is
     kept with one crop, ', whole images' for crops of the whole image), ', rho 0.4' / ', strength 0.4' for dace / d4m
-    at another noise level than their defaults (0.8 / 0.7), ', 40 variants' for d4m / dace with another variant count
+    at another noise level than their defaults (0.8 / 0.7), ', medoids' for d4m's `--prototype medoid`, ', 40 variants' for d4m / dace with another variant count
     than the tables' 5, and ', relabelled' for labels given by `ddcodec relabel`; else ''."""
     p = b["method_params"]
     if b["method"] == "ld3m":
@@ -50,6 +50,8 @@ def method_settings(b: dict[str, Any]) -> str:
         out += f", rho {gen['rho']:g}"
     if b["method"] == "d4m" and gen.get("strength", 0.7) != 0.7:
         out += f", strength {gen['strength']:g}"
+    if b["method"] == "d4m" and p.get("prototype") == "medoid":
+        out += ", medoids"
     if b["method"] in ("d4m", "dace") and b.get("variants", TABLE_VARIANTS) != TABLE_VARIANTS:
         out += f", {b['variants']} variants"
     return out + (", relabelled" if "relabelled_from" in p else "")

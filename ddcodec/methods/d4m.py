@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "negative_prompt": "cartoon, anime, painting",  # official code
     "candidates": None,                            # images per class clustered: all, as the paper
     "kmeans_batch": 1024,                          # scikit-learn's default mini-batch
+    "prototype": "centroid",                       # the paper's; "medoid" is ours
     "variants": 10,
 }
 GUIDANCE = {"text": 8.0, "class": 4.0}  # official 8 with SD 1.5; 4 for class-conditional priors
@@ -43,18 +44,34 @@ def add_arguments(group: Any) -> None:
     group.add_argument("--candidates", type=int, default=None,
                        help="real images per class considered (d4m: all; dace/rded: 300)")
     group.add_argument("--kmeans-batch", type=int, default=None, help="d4m: mini-batch k-means batch size (default 1024)")
+    group.add_argument("--prototype", choices=("centroid", "medoid"), default=None,
+                       help="d4m: store each k-means centre (centroid, the paper) or the real latent nearest to it "
+                            "(medoid: sharp, for priors that cannot restore a blurred mean)")
     softlabels.add_arguments(group)
 
 
-def kmeans_prototypes(latents: torch.Tensor, k: int, seed: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(centres, cluster sizes) of seeded MiniBatchKMeans on flattened latents, largest cluster first."""
+def kmeans_prototypes(latents: torch.Tensor, k: int, seed: int, batch_size: int,
+                      medoid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centres, cluster sizes) of seeded MiniBatchKMeans on flattened latents, largest cluster first.
+
+    With `medoid`, each centre is replaced by the nearest latent of its cluster (of the unused ones if it is empty).
+    """
     x = latents.reshape(len(latents), -1).double().numpy()
     km = MiniBatchKMeans(n_clusters=k, random_state=seed % 2**32, batch_size=min(batch_size, len(x)), n_init="auto")
     labels = km.fit_predict(x)
     sizes = np.bincount(labels, minlength=k)
     order = sorted(range(k), key=lambda j: (-int(sizes[j]), j))
-    centres = torch.from_numpy(km.cluster_centers_[order]).float().reshape(k, *latents.shape[1:])
-    return centres.contiguous(), torch.tensor(sizes[order], dtype=torch.int64)
+    if not medoid:
+        centres = torch.from_numpy(km.cluster_centers_[order]).float().reshape(k, *latents.shape[1:])
+        return centres.contiguous(), torch.tensor(sizes[order], dtype=torch.int64)
+    dist = km.transform(x)
+    picked: list[int] = []
+    for j in order:
+        members = np.flatnonzero(labels == j)
+        if len(members) == 0:
+            members = np.setdiff1d(np.arange(len(x)), picked)
+        picked.append(int(members[np.argmin(dist[members, j])]))
+    return latents[picked].float().contiguous(), torch.tensor(sizes[order], dtype=torch.int64)
 
 
 def class_latents(prior: LatentPrior, source: Any, indices: list[int], size: tuple[int, int], label: str,
@@ -94,10 +111,12 @@ def run(args: Any) -> Bundle | None:
     if not 0 <= gen_params["strength"] <= 1 or gen_params["steps"] < 1:
         raise DDCodecError("--strength must be in [0, 1] and --steps at least 1")
     km_batch = int(option(args, "kmeans_batch", DEFAULTS["kmeans_batch"]))
+    prototype = option(args, "prototype", DEFAULTS["prototype"])
     encode_batch = int(option(args, "encode_batch_size", 64))
     params = {"ipc": ipc, "data": str(args.data), "split": args.split, "candidates": candidates,
               "encode_batch_size": encode_batch,
               "kmeans": {"impl": "sklearn.MiniBatchKMeans", "batch_size": km_batch, "n_init": "auto"},
+              "prototype": prototype,
               **labels.record()}
     work = WorkDir(args.out, work_params(args, prior, **params, **gen_params, device=str(device)), discard_stale=args.overwrite)
     prior.to(device)
@@ -106,7 +125,7 @@ def run(args: Any) -> Bundle | None:
     def cluster(c: int) -> dict[str, torch.Tensor]:
         idx = seeded_subset(per_class[c], candidates, derive_seed(seed, c, 0, "candidates"))
         proto, count = kmeans_prototypes(class_latents(prior, source, idx, size, names[c], encode_batch), ipc,
-                                         derive_seed(seed, c, 0, "kmeans"), km_batch)
+                                         derive_seed(seed, c, 0, "kmeans"), km_batch, prototype == "medoid")
         return {"prototypes": proto, "sizes": count}
 
     spec = {"prototypes": ((ipc, *latent_shape), torch.float32), "sizes": ((ipc,), torch.int64)}
