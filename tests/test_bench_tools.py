@@ -170,6 +170,7 @@ def test_table_rows_name_non_default_settings():
     assert method_settings({"method": "d4m", "method_params": {"relabelled_from": "abc"}}) == ", relabelled"
     assert method_settings({"method": "d4m", "method_params": {}, "generator_params": {"strength": 0.4}}) == ", strength 0.4"
     assert method_settings({"method": "d4m", "method_params": {}, "variants": 40}) == ", 40 variants"
+    assert method_settings({"method": "d4m", "method_params": {}, "variants": 1}) == ", 1 variant"
     assert method_settings({"method": "d4m", "method_params": {"prototype": "medoid"}}) == ", medoids"
     assert method_settings({"method": "d4m", "method_params": {"prototype": "centroid"}}) == ""
     assert method_settings({"method": "dace", "method_params": {}, "variants": 5}) == ""

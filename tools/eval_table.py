@@ -53,7 +53,7 @@ def method_settings(b: dict[str, Any]) -> str:
     if b["method"] == "d4m" and p.get("prototype") == "medoid":
         out += ", medoids"
     if b["method"] in ("d4m", "dace") and b.get("variants", TABLE_VARIANTS) != TABLE_VARIANTS:
-        out += f", {b['variants']} variants"
+        out += f", {b['variants']} variant" + ("s" if b["variants"] != 1 else "")
     return out + (", relabelled" if "relabelled_from" in p else "")
 
 
