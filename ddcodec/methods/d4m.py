@@ -45,8 +45,8 @@ def add_arguments(group: Any) -> None:
                        help="real images per class considered (d4m: all; dace/rded: 300)")
     group.add_argument("--kmeans-batch", type=int, default=None, help="d4m: mini-batch k-means batch size (default 1024)")
     group.add_argument("--prototype", choices=("centroid", "medoid"), default=None,
-                       help="d4m: store each k-means centre (centroid, the paper) or the real latent nearest to it "
-                            "(medoid: sharp, for priors that cannot restore a blurred mean)")
+                       help="d4m: store each k-means centre (centroid, the paper; default) or the real latent nearest "
+                            "to it (medoid, ours)")
     softlabels.add_arguments(group)
 
 
