@@ -211,10 +211,10 @@ def test_kmeans_medoids_are_real_latents_of_their_clusters():
     medoids, msizes = kmeans_prototypes(latents, 3, seed=1, batch_size=16, medoid=True)
     assert torch.equal(sizes, msizes) and sizes.sum() == 90
     flat, cflat = latents.reshape(90, -1), centres.reshape(3, -1).double()
-    for m, c in zip(medoids.reshape(3, -1), cflat):
+    nearest = torch.cdist(cflat, flat.double()).argmin(0)  # each latent's centre
+    for j, (m, c) in enumerate(zip(medoids.reshape(3, -1), cflat)):
         row = int((flat == m).all(1).nonzero())  # a stored latent, bit for bit
-        nearest = torch.cdist(cflat, flat.double()).argmin(0)  # each latent's centre
-        members = (nearest == int((cflat == c).all(1).nonzero())).nonzero().flatten()
+        members = (nearest == j).nonzero().flatten()
         assert row in members.tolist()
         assert row == int(members[(flat[members].double() - c).norm(dim=1).argmin()])
     assert not torch.equal(medoids, centres)
@@ -224,8 +224,9 @@ def test_medoid_prototypes_are_recorded_and_replace_the_centres(bundles, data, t
     """`--prototype medoid`: the same clusters as the centroid bundle, other latents, recorded in the manifest."""
     assert encode("d4m", data[0], tmp_path / "m", "--prototype", "medoid") == 0
     centroid, medoid = Bundle.open(bundles["d4m"]), Bundle.open(tmp_path / "m")
-    assert centroid.manifest["method"]["params"]["prototype"] == "centroid" and medoid.manifest["method"]["params"]["prototype"] == "medoid"
-    assert medoid.manifest["method"]["params"]["cluster_sizes"] == centroid.manifest["method"]["params"]["cluster_sizes"]
+    cp, mp = centroid.manifest["method"]["params"], medoid.manifest["method"]["params"]
+    assert cp["prototype"] == "centroid" and mp["prototype"] == "medoid"
+    assert mp["cluster_sizes"] == cp["cluster_sizes"]
     assert not torch.equal(medoid.items["latents"], centroid.items["latents"])
 
 

@@ -32,8 +32,9 @@ def method_settings(b: dict[str, Any]) -> str:
     """', 50 iterations, SGD lr 0.01' for an LD3M bundle (its optimisation settings differ between tables),
     ', factor 1' for patches at a factor other than the default 2 (', no selection' when every candidate image is
     kept with one crop, ', whole images' for crops of the whole image), ', rho 0.4' / ', strength 0.4' for dace / d4m
-    at another noise level than their defaults (0.8 / 0.7), ', medoids' for d4m's `--prototype medoid`, ', 40 variants' for d4m / dace with another variant count
-    than the tables' 5, and ', relabelled' for labels given by `ddcodec relabel`; else ''."""
+    at another noise level than their defaults (0.8 / 0.7), ', medoids' for d4m's `--prototype medoid`, ', 40 variants'
+    for d4m / dace with another variant count than the tables' 5, and ', relabelled' for labels given by
+    `ddcodec relabel`; else ''."""
     p = b["method_params"]
     if b["method"] == "ld3m":
         out = f", {p['iterations']} iterations, {OPTIMIZERS[p['optimizer']]} lr {p['lr_z']:g}"

@@ -61,17 +61,18 @@ def kmeans_prototypes(latents: torch.Tensor, k: int, seed: int, batch_size: int,
     labels = km.fit_predict(x)
     sizes = np.bincount(labels, minlength=k)
     order = sorted(range(k), key=lambda j: (-int(sizes[j]), j))
-    if not medoid:
-        centres = torch.from_numpy(km.cluster_centers_[order]).float().reshape(k, *latents.shape[1:])
-        return centres.contiguous(), torch.tensor(sizes[order], dtype=torch.int64)
-    dist = km.transform(x)
-    picked: list[int] = []
-    for j in order:
-        members = np.flatnonzero(labels == j)
-        if len(members) == 0:
-            members = np.setdiff1d(np.arange(len(x)), picked)
-        picked.append(int(members[np.argmin(dist[members, j])]))
-    return latents[picked].float().contiguous(), torch.tensor(sizes[order], dtype=torch.int64)
+    if medoid:
+        dist = km.transform(x)
+        picked: list[int] = []
+        for j in order:
+            members = np.flatnonzero(labels == j)
+            if len(members) == 0:
+                members = np.setdiff1d(np.arange(len(x)), picked)
+            picked.append(int(members[np.argmin(dist[members, j])]))
+        protos = latents[picked].float()
+    else:
+        protos = torch.from_numpy(km.cluster_centers_[order]).float().reshape(k, *latents.shape[1:])
+    return protos.contiguous(), torch.tensor(sizes[order], dtype=torch.int64)
 
 
 def class_latents(prior: LatentPrior, source: Any, indices: list[int], size: tuple[int, int], label: str,
